@@ -1,0 +1,224 @@
+"""Run configuration: a closed pydantic schema, YAML loading and `a.b=value` overrides.
+
+    from fluxtune.config import load_config
+    cfg = load_config("configs/tiny-demo.yaml", ["train.max_steps=10"])
+
+Every problem in a config is reported at once, one line per problem, with the dotted key path and
+a did-you-mean for misspelt keys, before any model is loaded (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid config{f' {source}' if source else ''} ({len(problems)} problem{'s' * (len(problems) != 1)}):"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="local folder or hub id of a diffusers pipeline")
+    family: Literal["auto", "flux1", "flux2"] = "auto"
+    revision: str | None = None
+    # FLUX.2 only: which hidden layers of the text encoder form the prompt embedding.
+    # None: (10, 20, 30) for FLUX.2-dev, (9, 18, 27) for klein, derived for other encoder depths.
+    text_encoder_out_layers: tuple[int, ...] | None = None
+    # Flex.1/Flex.2 are FLUX.1-architecture checkpoints trained without their guidance embedder.
+    bypass_guidance: bool = False
+    max_sequence_length: int | None = Field(None, gt=0, description="text tokens; None = family default")
+
+    @field_validator("text_encoder_out_layers")
+    @classmethod
+    def _layers_positive(cls, v):
+        if v is not None and (not v or any(i < 0 for i in v)):
+            raise ValueError("must be a non-empty list of non-negative layer indices, e.g. [10, 20, 30]")
+        return v
+
+
+class DataConfig(_Section):
+    path: str = Field(description="folder of images with same-name .txt captions")
+    resolution: int = Field(512, ge=64, le=4096)
+    default_caption: str = ""
+    caption_extension: str = ".txt"
+    repeats: int = Field(1, ge=1)
+    # Where latents and text embeddings are stored; entries are keyed by a hash of their inputs,
+    # so one folder can serve many runs and models. None: $FLUXTUNE_CACHE or ~/.cache/fluxtune.
+    cache_dir: str | None = None
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, v):
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16; try {max(64, round(v / 16) * 16)}")
+        return v
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, description="None = rank (scale 1.0)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # A preset ("attention", "attention+mlp", "all-linear"), a regex matched against whole module
+    # names, or a list of module names (peft suffix matching).
+    targets: str | list[str] = "attention"
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping")
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class SigmaConfig(_Section):
+    sampling: Literal["uniform", "logit_normal", "shift"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    # For sampling == "shift": a fixed shift factor, or "auto" for FLUX's resolution-dependent shift.
+    shift: float | Literal["auto"] = "auto"
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_positive(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 42
+    # auto: bf16 on a GPU, full fp32 on CPU (where bf16 autocast is slow and gains nothing).
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    # Guidance value fed to guidance-embedded transformers (FLUX.1-dev, FLUX.2-dev); ignored by
+    # models without a guidance embedder. None: the family default.
+    guidance: float | None = Field(None, ge=0)
+    save_every: int = Field(250, ge=1)
+    gradient_checkpointing: bool = False
+    sigma: SigmaConfig = SigmaConfig()
+
+
+class Config(_Section):
+    output_dir: str
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (`3`, `true`, `[1,2]`, `null`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {item!r} is not of the form key.path=value"])
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError([f"{'.'.join(path[: i + 1])}: is a value, cannot set {item!r} inside it"])
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section that contains `loc` (for did-you-mean)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(Config, loc)
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (guess[0],))}'?" if guess else ""
+        return f"{key}: unknown key{hint} (known here: {', '.join(known)})"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = repr(err.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{key}: {msg} (got {shown})"
+
+
+def build_config(data: Any, source: str | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_format_error(err) for err in e.errors()], source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    data: Any = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError([f"cannot read config file: {e.strerror}"], source) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, list(overrides))
+    return build_config(data, source)

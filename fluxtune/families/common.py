@@ -1,0 +1,110 @@
+"""Loading pieces of a diffusers checkpoint (local folder or hub id), shared by the families."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from pathlib import Path
+
+import torch
+
+
+class ModelError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message names it and says what to do."""
+
+
+def _fetch_json(path: str, filename: str, revision: str | None) -> dict:
+    local = Path(path)
+    if local.is_dir():
+        file = local / filename
+        if not file.is_file():
+            raise ModelError(f"{file}: not found; model.path must be a diffusers pipeline folder (save_pretrained)")
+    elif local.exists():
+        raise ModelError(f"{path}: is a file; model.path must be a diffusers pipeline folder or a hub id")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(path, filename, revision=revision))
+        except Exception as e:  # hub errors come in many classes; all mean "cannot get it"
+            raise ModelError(
+                f"{path}: not a local folder, and {filename} could not be fetched from the hub "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, "
+                "your network, `huggingface-cli login` for gated models, or HF_HUB_OFFLINE."
+            ) from None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_model_index(path: str, revision: str | None = None) -> dict:
+    return _fetch_json(path, "model_index.json", revision)
+
+
+def read_component_config(path: str, subfolder: str, revision: str | None = None) -> dict:
+    return _fetch_json(path, f"{subfolder}/config.json", revision)
+
+
+def block_regex(double: list[str], single: list[str]) -> str:
+    """peft regex (full match on the module name) for projections in double and single blocks."""
+    parts = []
+    if double:
+        parts.append(r"transformer_blocks\.\d+\.(" + "|".join(re.escape(n) for n in double) + ")")
+    if single:
+        parts.append(r"single_transformer_blocks\.\d+\.(" + "|".join(re.escape(n) for n in single) + ")")
+    return "^(" + "|".join(parts) + ")$"
+
+
+class CheckpointParts:
+    """Loads a pipeline's parts on demand and drops the encoders when asked.
+
+    Text encoders are loaded as a pipeline with transformer and VAE set to None, so prompts are
+    encoded by the pipeline's own `encode_prompt`: exactly what inference will see.
+    """
+
+    def __init__(self, pipeline_cls, transformer_cls, path: str, revision: str | None, dtype: torch.dtype):
+        self.pipeline_cls, self.transformer_cls = pipeline_cls, transformer_cls
+        self.path, self.revision, self.dtype = path, revision, dtype
+        self._text_pipe = None
+        self._vae = None
+
+    def text_pipe(self, device: torch.device):
+        if self._text_pipe is None:
+            self._text_pipe = self.pipeline_cls.from_pretrained(
+                self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype
+            ).to(device)
+        return self._text_pipe
+
+    def vae(self, device: torch.device):
+        if self._vae is None:
+            index = read_model_index(self.path, self.revision)
+            vae_cls = _diffusers_class(index["vae"][1])
+            self._vae = vae_cls.from_pretrained(self.path, subfolder="vae", revision=self.revision, dtype=self.dtype)
+            self._vae.to(device).requires_grad_(False).eval()
+        return self._vae
+
+    def free(self) -> None:
+        self._text_pipe = self._vae = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def transformer(self, dtype: torch.dtype) -> torch.nn.Module:
+        model = self.transformer_cls.from_pretrained(
+            self.path, subfolder="transformer", revision=self.revision, dtype=dtype
+        )
+        return model.requires_grad_(False)
+
+    def pipeline(self, dtype: torch.dtype, **components):
+        return self.pipeline_cls.from_pretrained(self.path, revision=self.revision, dtype=dtype, **components)
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelError(f"diffusers has no class {name!r}; upgrade diffusers (pip install -U diffusers)")
+    return cls

@@ -1,0 +1,87 @@
+"""LoRA on the transformer with peft: add it, list its parameters, save it in diffusers format.
+
+    targets = resolve_targets(family, "attention")
+    add_lora(transformer, rank=16, alpha=16, targets=targets)
+    save_lora(FluxPipeline, transformer, "out/lora")      # loads with pipe.load_lora_weights("out/lora")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+PRESETS = ("attention", "attention+mlp", "all-linear")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class LoraError(ValueError):
+    pass
+
+
+def resolve_targets(family, targets: str | list[str]) -> str | list[str]:
+    """A preset name becomes the family's regex; a regex or a list of names passes through."""
+    if isinstance(targets, str) and targets in PRESETS:
+        return family.lora_targets(targets)
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise LoraError(f"lora.targets: {targets!r} is not a preset ({', '.join(PRESETS)}) nor a valid regex: {e}")
+    return targets
+
+
+def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float | None, targets, dropout: float = 0.0) -> list:
+    """Adds adapter "default"; LoRA weights are kept in fp32 whatever the base dtype. Returns them."""
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=targets,
+    )
+    try:
+        transformer.add_adapter(config)
+    except ValueError as e:
+        raise LoraError(f"lora.targets {targets!r} matched no usable module of the transformer: {e}") from None
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def count_adapted(transformer: torch.nn.Module) -> dict[str, int]:
+    """How many modules got a LoRA, in double and single blocks: a preset that misses one kind shows here."""
+    counts = {"double": 0, "single": 0, "other": 0}
+    for name, module in transformer.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            kind = "single" if name.startswith("single_transformer_blocks.") else (
+                "double" if name.startswith("transformer_blocks.") else "other")
+            counts[kind] += 1
+    return counts
+
+
+def save_lora(pipeline_cls, transformer: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write diffusers-format LoRA weights (`transformer.` keys, adapter config in the header).
+
+    Written into a temporary sibling folder and renamed, so a crash never leaves half a file where
+    a finished LoRA was.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    metadata = transformer.peft_config["default"].to_dict()
+    pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir / WEIGHTS_NAME
