@@ -15,6 +15,7 @@ import logging
 import sys
 
 from fluxtune.config import ConfigError, load_config
+from fluxtune.errors import UserError
 
 EXIT_CONFIG = 2
 
@@ -48,15 +49,16 @@ def _generate(args) -> int:
 
 
 def _make_tiny(args) -> int:
-    from fluxtune.tiny import make_tiny
+    from fluxtune.tiny import KINDS, make_tiny
 
+    if args.kind not in KINDS:
+        print(f"fluxtune: unknown tiny model kind {args.kind!r}; choose one of {', '.join(KINDS)}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"wrote tiny {args.kind} pipeline to {make_tiny(args.kind, args.dir, seed=args.seed)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fluxtune.tiny import KINDS
-
     parser = argparse.ArgumentParser(prog="fluxtune", description="LoRA fine-tuning for FLUX models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_generate)
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline for tests and demos")
-    p.add_argument("kind", choices=KINDS)
+    p.add_argument("kind", help="flux1, flux1-schnell, flux2 or flux2-klein")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_make_tiny)
@@ -92,16 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="fluxtune: %(message)s")
     logging.getLogger("fluxtune").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    from fluxtune.data import DataError
-    from fluxtune.families.common import ModelError
-    from fluxtune.lora import LoraError
-
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"fluxtune: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ModelError, DataError, LoraError) as e:
+    except UserError as e:
         print(f"fluxtune: error: {e}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,7 @@ a did-you-mean for misspelt keys, before any model is loaded (`ConfigError`).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,7 +131,7 @@ class Config(_Section):
     def _cross_checks(self):
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
             raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
+                f"optim.warmup_steps: {self.optim.warmup_steps} must be below train.max_steps "
                 f"({self.train.max_steps})"
             )
         return self
@@ -150,7 +151,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"override {item!r} is not of the form key.path=value"])
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})"]) from None
     return key.strip().split("."), value
 
 
@@ -180,30 +184,59 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "<top level>"
+# pydantic adds the union member it tried to the location (`lora.targets.list[str]`): not a key.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|tuple|literal|dict)\[.*\]|function-.*)$")
+
+
+def _format_error(err: dict) -> tuple[str, str]:
+    """(dotted key, problem) for one pydantic error."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+    if not loc:  # a cross-field check: its message names its keys
+        key, _, msg = err["msg"].removeprefix("Value error, ").partition(": ")
+        return key, msg
+    key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         known = _fields_at(Config, loc)
         guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (guess[0],))}'?" if guess else ""
-        return f"{key}: unknown key{hint} (known here: {', '.join(known)})"
+        return key, f"unknown key{hint} (known here: {', '.join(known)})"
     if err["type"] == "missing":
-        return f"{key}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    shown = repr(err.get("input"))
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{key}: {msg} (got {shown})"
+        return key, "required key is missing"
+    return key, err["msg"].removeprefix("Value error, ").replace("Input should be ", "should be ", 1)
+
+
+def _problems(errors: list[dict]) -> list[str]:
+    """One line per key; a value that fits no member of a union lists what each member wanted."""
+    by_key: dict[str, list[str]] = {}
+    inputs: dict[str, object] = {}
+    for err in errors:
+        key, msg = _format_error(err)
+        if msg not in by_key.setdefault(key, []):
+            by_key[key].append(msg)
+        if err["loc"]:  # cross-field checks get the whole config as input: not worth showing
+            inputs.setdefault(key, err.get("input"))
+    lines = []
+    for key, msgs in by_key.items():
+        line = f"{key}: {' or '.join(msgs)}"
+        if key in inputs and not msgs[0].startswith(("unknown key", "required key")):
+            shown = repr(inputs[key])
+            line += f" (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+        lines.append(line)
+    return lines
+
+
+_SECTIONS = ("model", "data", "lora", "optim", "train")
 
 
 def build_config(data: Any, source: str | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], source)
+    # A section whose keys are all commented out loads as None: treat it as empty.
+    data = {k: ({} if v is None and k in _SECTIONS else v) for k, v in data.items()}
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_format_error(err) for err in e.errors()], source) from None
+        raise ConfigError(_problems(e.errors()), source) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

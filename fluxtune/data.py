@@ -15,13 +15,11 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
+from fluxtune.errors import DataError
+
 log = logging.getLogger("fluxtune")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-class DataError(RuntimeError):
-    """The training data cannot be used; the message names the folder or file."""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def sample_sigmas(
     if mode == "logit_normal":
         normal = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
         return torch.sigmoid(normal)
-    uniform = torch.rand(batch_size, generator=generator)
+    # torch.rand can return exactly 0: a sigma of 0 is a wasted step (nothing to denoise).
+    uniform = torch.rand(batch_size, generator=generator).clamp_min(1e-5)
     if mode == "uniform":
         return uniform
     if mode == "shift":

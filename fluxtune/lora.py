@@ -16,12 +16,10 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from fluxtune.errors import LoraError
+
 PRESETS = ("attention", "attention+mlp", "all-linear")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
-
-class LoraError(ValueError):
-    pass
 
 
 def resolve_targets(family, targets: str | list[str]) -> str | list[str]:

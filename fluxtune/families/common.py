@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 
-class ModelError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message names it and says what to do."""
+from fluxtune.errors import ModelError  # noqa: F401  (re-exported for the families)
 
 
 def _fetch_json(path: str, filename: str, revision: str | None) -> dict:

@@ -1,0 +1,1 @@
+"""Dataset preparation tools for fluxtune (validate, caption, bucket, manifests)."""

@@ -1,0 +1,20 @@
+"""Errors that mean "your input cannot be used": the CLI prints them as one message, no traceback.
+
+Kept free of heavy imports so the CLI can catch them without loading torch.
+"""
+
+
+class UserError(RuntimeError):
+    """Base class; the message names the file, folder or key and says how to fix it."""
+
+
+class ModelError(UserError):
+    """A checkpoint that cannot be used as asked."""
+
+
+class DataError(UserError):
+    """Training data that cannot be used."""
+
+
+class LoraError(UserError, ValueError):
+    """LoRA settings or files that do not fit the model."""
