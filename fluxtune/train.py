@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,11 @@ class RunResult:
     final_loss: float
     cache: CacheStats
     seconds: float
+    transformer: torch.nn.Module = field(repr=False)  # the trained model, LoRA attached (for notebooks, tests)
+
+    def summary(self) -> dict:
+        return {"lora_path": str(self.lora_path), "steps": self.steps, "final_loss": self.final_loss,
+                "cache": asdict(self.cache), "seconds": round(self.seconds, 2)}
 
 
 def train(cfg: Config) -> RunResult:
@@ -90,10 +95,10 @@ def train(cfg: Config) -> RunResult:
         save_lora(family.pipeline_cls, accelerator.unwrap_model(transformer), out / "lora")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result = RunResult(lora_path, cfg.train.max_steps, final_loss, cache_stats, time.perf_counter() - started)
+    result = RunResult(lora_path, cfg.train.max_steps, final_loss, cache_stats, time.perf_counter() - started,
+                       accelerator.unwrap_model(transformer))
     if accelerator.is_main_process:
-        summary = {**asdict(result), "lora_path": str(lora_path)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
     return result
 
 
