@@ -44,10 +44,14 @@ class RunResult:
 
 def train(cfg: Config) -> RunResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
+    # accelerate keeps its settings in a process-wide singleton; a second train() in the same
+    # process (a notebook, a sweep) may ask for another precision. The distributed setup is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,

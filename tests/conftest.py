@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="fluxtune-test-hf-")
 os.environ["WANDB_MODE"] = "offline"
+os.environ["FLUXTUNE_CACHE"] = tempfile.mkdtemp(prefix="fluxtune-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -157,3 +157,43 @@ def test_no_usable_image_is_a_clear_error(tiny_models, tmp_path, capsys):
     assert main(["train", "/dev/null", *args]) == 1
     err = capsys.readouterr().err
     assert "none of the 1 images could be read" in err and str(data) in err
+
+
+@pytest.mark.parametrize("kind", ["flux1", "flux2", "flux2-klein"])
+def test_generate_cli_writes_png_and_lora_changes_it(kind, tiny_models, photos, tmp_path):
+    from PIL import Image
+
+    model = tiny_models(kind)
+    cfg = load_config(None, overrides(model, photos, tmp_path / "run", tmp_path / "cache", steps=2))
+    lora_dir = train(cfg).lora_path.parent
+    common = ["generate", "--model", str(model), "--prompt", "a photo of a cat", "--steps", "2",
+              "--width", "64", "--height", "64", "--seed", "3"]
+    assert main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    assert main([*common, "--lora", str(lora_dir), "--scale", "4", "--out", str(tmp_path / "lora.png")]) == 0
+    base, lora = (Image.open(tmp_path / f"{n}.png") for n in ("base", "lora"))
+    assert base.size == (64, 64) and "a photo of a cat" in lora.text["fluxtune"]
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(lora, dtype=int)).max() > 0
+
+
+def test_same_seed_same_lora_and_options_run(tiny_models, photos, tmp_path):
+    model = tiny_models("flux1-schnell")  # no guidance embedder
+    opts = {"train.grad_accum": 2, "train.gradient_checkpointing": "true", "lora.dropout": 0.1,
+            "optim.scheduler": "linear", "optim.warmup_steps": 1, "train.sigma.sampling": "shift"}
+    runs = [train(load_config(None, overrides(model, photos, tmp_path / n, tmp_path / "cache", **opts)))
+            for n in ("a", "b")]
+    a, b = (load_file(r.lora_path) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_bf16_autocast_and_flex_guidance_bypass(tiny_models, photos, tmp_path):
+    model = tiny_models("flux1")
+    args = overrides(model, photos, tmp_path / "run", tmp_path / "cache", steps=2,
+                     **{"train.mixed_precision": "bf16", "model.bypass_guidance": "true"})
+    result = train(load_config(None, args))
+    assert np.isfinite(result.final_loss)
+    assert type(result.transformer.time_text_embed).__name__ == "_TimestepTextEmbedOnly"
+    assert all(p.dtype == torch.float32 for n, p in result.transformer.named_parameters() if "lora_" in n)
+    FluxPipeline.from_pretrained(model).load_lora_weights(result.lora_path.parent)
