@@ -39,7 +39,10 @@ def generate(*, model, loras, scale, prompt, out, seed, steps, width, height, gu
     pipe = load_pipeline_with_loras(fam, loras, scale, dtype).to(device)
     pipe.set_progress_bar_config(desc="generating")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    image = fam.generate(pipe, prompt, width=width, height=height, steps=steps, guidance=guidance, generator=generator)
+    # FLUX.2 pipelines take `image` first: everything by keyword.
+    kwargs = fam.pipeline_kwargs() | ({} if guidance is None else {"guidance_scale": guidance})
+    image = pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps, generator=generator,
+                 **kwargs).images[0]
     info = PngInfo()
     settings = {"prompt": prompt, "model": model, "loras": loras, "scale": scale, "seed": seed, "steps": steps,
                 "guidance": guidance}

@@ -200,11 +200,12 @@ def _vae_kwargs(latent_channels: int) -> dict:
     )
 
 
-def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+def _scheduler(dynamic_shifting: bool = True) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev / FLUX.2's resolution-dependent shift; FLUX.1-schnell's is off (shift 1.0)."""
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=3.0 if dynamic_shifting else 1.0,
+        use_dynamic_shifting=dynamic_shifting,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
@@ -245,7 +246,8 @@ def _flux1(guidance: bool) -> FluxPipeline:
         )
     )
     return FluxPipeline(
-        scheduler=_scheduler(),
+        # schnell (no guidance embedder) ships a fixed-shift scheduler, dev a dynamic one.
+        scheduler=_scheduler(dynamic_shifting=guidance),
         vae=AutoencoderKL(
             **_vae_kwargs(16),
             scaling_factor=0.3611,

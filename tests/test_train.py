@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from fluxtune.cli import main
 from fluxtune.config import load_config
+from fluxtune.tiny import make_tiny
 from fluxtune.train import train
 
 PIPELINES = {"flux1": FluxPipeline, "flux1-schnell": FluxPipeline, "flux2": Flux2Pipeline, "flux2-klein": Flux2KleinPipeline}
@@ -118,8 +119,8 @@ def test_only_lora_changes_and_loaded_lora_matches_trained_model(tiny_models, ph
     assert (ours - untouched).abs().max() > 1e-4
 
 
-def test_second_run_reuses_cache_and_encodes_nothing(tiny_models, photos, tmp_path, capsys):
-    model = tiny_models("flux1")
+def test_second_run_reuses_cache_and_encodes_nothing(photos, tmp_path):
+    model = make_tiny("flux1", tmp_path / "model")  # its own copy: the test rewrites it
     args = overrides(model, photos, tmp_path / "a", tmp_path / "cache", steps=1)
     first = train(load_config(None, args))
     assert first.cache.latents_encoded == 3 and first.cache.texts_encoded == 3
@@ -131,6 +132,11 @@ def test_second_run_reuses_cache_and_encodes_nothing(tiny_models, photos, tmp_pa
     # a different resolution is a different latent, but the same captions
     third = train(load_config(None, args + ["data.resolution=96"]))
     assert (third.cache.latents_encoded, third.cache.texts_encoded) == (3, 0)
+
+    # new weights saved at the same path must not be served the old embeddings
+    make_tiny("flux1", model, seed=7)
+    fourth = train(load_config(None, args))
+    assert (fourth.cache.latents_encoded, fourth.cache.texts_encoded) == (3, 3)
 
 
 def test_broken_images_are_skipped_with_a_warning(tiny_models, photos, tmp_path, caplog):

@@ -63,8 +63,8 @@ class Family(Protocol):
 
     def load_pipeline(self, dtype: torch.dtype, **components): ...
 
-    def generate(self, pipe, prompt: str, *, width: int, height: int, steps: int, guidance: float | None, generator):
-        """Run the family's pipeline for one prompt; returns a PIL image."""
+    def pipeline_kwargs(self) -> dict:
+        """Arguments the family's pipeline call needs to match training (sequence length, text layers)."""
 
 
 def detect_family(path: str, revision: str | None = None) -> str:

@@ -46,6 +46,19 @@ def read_component_config(path: str, subfolder: str, revision: str | None = None
     return _fetch_json(path, f"{subfolder}/config.json", revision)
 
 
+def weights_fingerprint(path: str, subfolders: tuple[str, ...]) -> str | None:
+    """Sizes and times of a local checkpoint's encoder weights, so re-saved weights at the same path
+    never hit stale cache entries. Hub ids are pinned by `revision` instead."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    stats = sorted(
+        (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+        for sub in subfolders if (root / sub).is_dir() for f in (root / sub).iterdir() if f.is_file()
+    )
+    return json.dumps(stats)
+
+
 def block_regex(double: list[str], single: list[str]) -> str:
     """peft regex (full match on the module name) for projections in double and single blocks."""
     parts = []

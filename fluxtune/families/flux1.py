@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from fluxtune.families.common import CheckpointParts, block_regex, read_component_config
+from fluxtune.families.common import CheckpointParts, block_regex, read_component_config, weights_fingerprint
 
 _ATTN_DOUBLE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -56,7 +56,8 @@ class Flux1:
 
     def identity(self) -> dict:
         return {"family": self.name, "path": self.path, "revision": self.revision,
-                "max_sequence_length": self.max_sequence_length}
+                "max_sequence_length": self.max_sequence_length,
+                "weights": weights_fingerprint(self.path, ("vae", "text_encoder", "text_encoder_2"))}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)
@@ -110,9 +111,5 @@ class Flux1:
     def load_pipeline(self, dtype, **components):
         return self.parts.pipeline(dtype, **components)
 
-    def generate(self, pipe, prompt, *, width, height, steps, guidance, generator):
-        kwargs = {} if guidance is None else {"guidance_scale": guidance}
-        return pipe(
-            prompt=prompt, width=width, height=height, num_inference_steps=steps, generator=generator,
-            max_sequence_length=self.max_sequence_length, **kwargs,
-        ).images[0]
+    def pipeline_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}

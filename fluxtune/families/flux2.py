@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-from fluxtune.families.common import CheckpointParts, ModelError, block_regex, read_component_config, read_model_index
+from fluxtune.families.common import (
+    CheckpointParts,
+    ModelError,
+    block_regex,
+    read_component_config,
+    read_model_index,
+    weights_fingerprint,
+)
 
 # Layers of the text encoder used by the official pipelines (10/20/30 of Mistral-Small's 40,
 # 9/18/27 of Qwen3's 36): a quarter, half and three quarters of the depth.
@@ -82,7 +89,8 @@ class Flux2:
     def identity(self) -> dict:
         return {"family": self.name, "pipeline": self.pipeline_cls.__name__, "path": self.path,
                 "revision": self.revision, "out_layers": list(self.out_layers),
-                "max_sequence_length": self.max_sequence_length}
+                "max_sequence_length": self.max_sequence_length,
+                "weights": weights_fingerprint(self.path, ("vae", "text_encoder"))}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)
@@ -134,9 +142,5 @@ class Flux2:
     def load_pipeline(self, dtype, **components):
         return self.parts.pipeline(dtype, **components)
 
-    def generate(self, pipe, prompt, *, width, height, steps, guidance, generator):
-        kwargs = {} if guidance is None else {"guidance_scale": guidance}
-        return pipe(
-            prompt=prompt, width=width, height=height, num_inference_steps=steps, generator=generator,
-            max_sequence_length=self.max_sequence_length, text_encoder_out_layers=self.out_layers, **kwargs,
-        ).images[0]
+    def pipeline_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length, "text_encoder_out_layers": self.out_layers}
