@@ -34,18 +34,42 @@ def resolve_targets(family, targets: str | list[str]) -> str | list[str]:
     return targets
 
 
+def matched_modules(transformer: torch.nn.Module, targets) -> dict[str, torch.nn.Module]:
+    """The modules peft would adapt: a string is a regex over whole names, a list matches name suffixes."""
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return {n: m for n, m in transformer.named_modules() if n and pattern.fullmatch(n)}
+    return {n: m for n, m in transformer.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def check_targets(transformer: torch.nn.Module, targets) -> None:
+    """Fail before peft does, with names the user can act on."""
+    matched = matched_modules(transformer, targets)
+    if not matched:
+        examples = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                    and n.startswith(("transformer_blocks.0.", "single_transformer_blocks.0."))][:8]
+        raise LoraError(
+            f"lora.targets {targets!r} matches no module of the transformer; use a preset "
+            f"({', '.join(PRESETS)}), a regex over full names or a list of names, e.g. {examples}"
+        )
+    wrong = [n for n, m in matched.items() if not isinstance(m, torch.nn.Linear)]
+    if wrong:
+        raise LoraError(
+            f"lora.targets {targets!r} matches modules that are not Linear layers ({', '.join(wrong[:4])}"
+            f"{', ...' if len(wrong) > 4 else ''}); name the Linear inside them (e.g. 'attn.to_out.0') or use a regex"
+        )
+
+
 def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float | None, targets, dropout: float = 0.0) -> list:
     """Adds adapter "default"; LoRA weights are kept in fp32 whatever the base dtype. Returns them."""
+    check_targets(transformer, targets)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         lora_dropout=dropout,
         target_modules=targets,
     )
-    try:
-        transformer.add_adapter(config)
-    except ValueError as e:
-        raise LoraError(f"lora.targets {targets!r} matched no usable module of the transformer: {e}") from None
+    transformer.add_adapter(config)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
