@@ -102,7 +102,10 @@ def train(cfg: Config) -> RunResult:
     result = RunResult(lora_path, cfg.train.max_steps, final_loss, cache_stats, time.perf_counter() - started,
                        accelerator.unwrap_model(transformer))
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
+        # what was resolved from the checkpoint (e.g. FLUX.2 text layers): inference must use the same
+        model_info = {k: v for k, v in family.identity().items() if k != "weights"}
+        summary = {**result.summary(), "model": model_info}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
 
 

@@ -49,9 +49,14 @@ def resolve_out_layers(pipeline_name: str, text_cfg: dict, joint_attention_dim: 
             f"transformer joint_attention_dim {joint_attention_dim} is not a multiple of the text encoder's "
             f"hidden size {hidden}: this text encoder does not belong to this transformer"
         )
+    if n > depth + 1:  # hidden_states holds the embeddings plus one entry per layer
+        raise ModelError(
+            f"the transformer expects {n} stacked text-encoder layers but the text encoder has only {depth}: "
+            "this text encoder does not belong to this transformer"
+        )
     if requested is not None:
         layers = tuple(requested)
-        if len(layers) != n or max(layers) > depth:
+        if len(layers) != n or max(layers) > depth or min(layers) < 0:
             raise ModelError(
                 f"model.text_encoder_out_layers={list(layers)} does not fit this checkpoint: the transformer "
                 f"expects {n} layers of a {depth}-layer text encoder (indices 0..{depth})"
