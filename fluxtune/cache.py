@@ -69,8 +69,9 @@ def build_cache(
     resolution: int,
     device: torch.device,
     batch_size: int = 4,
-) -> tuple[list[tuple[Path, Path]], CacheStats]:
-    """Make sure every item has a latent and a text entry; returns (latent, text) paths per usable item."""
+) -> tuple[dict[Item, tuple[Path, Path]], CacheStats]:
+    """Make sure every item has a latent and a text entry; returns {item: (latent, text)} for the
+    usable items, in input order."""
     identity = json.dumps({**family.identity(), "v": FORMAT_VERSION}, sort_keys=True)
     (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
     (cache_dir / "text").mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def build_cache(
     stats.reused = sum(latent.is_file() and text.is_file() for latent, text in entries.values())
     _encode_latents(family, entries, resolution, device, batch_size, stats)
     _encode_texts(family, entries, device, batch_size, stats)
-    return [entries[i] for i in items if i in entries], stats
+    return {i: entries[i] for i in items if i in entries}, stats
 
 
 def _encode_latents(family, entries, resolution, device, batch_size, stats):

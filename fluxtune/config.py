@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +105,54 @@ class SigmaConfig(_Section):
         return v
 
 
+class LogConfig(_Section):
+    backend: Literal["wandb", "tensorboard", "none"] = "none"
+    project: str = "fluxtune"
+    run_name: str | None = None
+    tags: list[str] = []
+    every: int = Field(10, ge=1, description="log scalars every N optimizer steps")
+    # Upload each saved LoRA as a W&B artifact (with its metadata).
+    artifacts: bool = False
+
+
+class SamplePrompt(_Section):
+    prompt: str
+    seed: int = 0
+    width: int | None = Field(None, ge=64, description="None = data.resolution")
+    height: int | None = Field(None, ge=64, description="None = data.resolution")
+    steps: int | None = Field(None, ge=1, description="None = sample.steps")
+    guidance: float | None = Field(None, ge=0, description="None = sample.guidance")
+
+
+class SampleConfig(_Section):
+    every: int = Field(0, ge=0, description="render samples every N steps; 0 = never")
+    # Plain strings or {prompt, seed, width, height, steps, guidance}.
+    prompts: list[SamplePrompt | str] = []
+    steps: int = Field(20, ge=1)
+    guidance: float | None = Field(None, ge=0, description="None = the pipeline's default")
+    before_training: bool = True  # a step-0 sample shows the base model
+
+    def resolved_prompts(self) -> list[SamplePrompt]:
+        return [SamplePrompt(prompt=p) if isinstance(p, str) else p for p in self.prompts]
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="evaluation loss every N steps; 0 = never")
+    # Held-out images: a fraction of data.path (chosen by file-name hash, stable across runs),
+    # or a separate folder with the same layout.
+    fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    path: str | None = None
+    sigmas: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    seed: int = 1234
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, v):
+        if not v or any(not 0 < s < 1 for s in v):
+            raise ValueError("must be a non-empty list of values strictly between 0 and 1")
+        return v
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
@@ -116,6 +165,8 @@ class TrainConfig(_Section):
     guidance: float | None = Field(None, ge=0)
     save_every: int = Field(250, ge=1)
     gradient_checkpointing: bool = False
+    # Exponential moving average of the LoRA weights, used for samples and saved as lora_ema/.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     sigma: SigmaConfig = SigmaConfig()
 
 
@@ -126,9 +177,16 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.sample.every and not self.sample.prompts:
+            raise ValueError("sample.prompts: sample.every is set but there are no prompts to render")
+        if self.eval.every and not (self.eval.fraction or self.eval.path):
+            raise ValueError("eval.every: set eval.fraction (held out from data.path) or eval.path")
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
             raise ValueError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} must be below train.max_steps "
@@ -173,19 +231,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `SamplePrompt`, `list[SamplePrompt | str]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if found := _model_in(arg):
+            return found
+    return None
+
+
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the section that contains `loc` (for did-you-mean)."""
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(part, int):  # a list index: same model
+            continue
+        model = _model_in(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if model is None:
             return []
-        model = ann
     return list(model.model_fields)
 
 
 # pydantic adds the union member it tried to the location (`lora.targets.list[str]`): not a key.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|tuple|literal|dict)\[.*\]|function-.*)$")
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|tuple|literal|dict)\[.*\]|function-.*|[A-Z]\w*)$")
 
 
 def _format_error(err: dict) -> tuple[str, str]:
@@ -217,6 +285,10 @@ def _problems(errors: list[dict]) -> list[str]:
             inputs.setdefault(key, err.get("input"))
     lines = []
     for key, msgs in by_key.items():
+        # A union whose model branch reported problems inside the value: its "should be a valid
+        # string" branch is noise.
+        if any(k.startswith(key + ".") for k in by_key) and all(m.startswith("should be a valid") for m in msgs):
+            continue
         line = f"{key}: {' or '.join(msgs)}"
         if key in inputs and not msgs[0].startswith(("unknown key", "required key")):
             shown = repr(inputs[key])
@@ -225,7 +297,7 @@ def _problems(errors: list[dict]) -> list[str]:
     return lines
 
 
-_SECTIONS = ("model", "data", "lora", "optim", "train")
+_SECTIONS = ("model", "data", "lora", "optim", "train", "log", "sample", "eval")
 
 
 def build_config(data: Any, source: str | None = None) -> Config:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,21 @@ def scan_image_folder(folder: str | Path, default_caption: str = "", caption_ext
             f"data.path {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return items
+
+
+def split_holdout(items: list[Item], fraction: float) -> tuple[list[Item], list[Item]]:
+    """(train, held out): an image is held out when a hash of its file name falls below `fraction`,
+    so the split is the same in every run and does not move when files are added. At least one
+    image is held out (when asked for) and at least one is kept for training."""
+    if fraction <= 0:
+        return items, []
+    def score(item):
+        return int(hashlib.sha1(item.image.name.encode()).hexdigest()[:8], 16) / 2**32
+    ranked = sorted(items, key=score)
+    held = {i for i in ranked if score(i) < fraction} or set(ranked[:1])
+    if len(held) == len(items):
+        held.discard(ranked[-1])
+    return [i for i in items if i not in held], [i for i in items if i in held]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -88,6 +88,20 @@ def count_adapted(transformer: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def add_file_metadata(file: str | Path, extra: dict[str, str]) -> None:
+    """Add string fields to a safetensors header (kept beside diffusers' own), rewriting atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = Path(file)
+    with safe_open(file, "pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file(tensors, str(tmp), metadata={**metadata, **{k: str(v) for k, v in extra.items()}})
+    os.replace(tmp, file)
+
+
 def save_lora(pipeline_cls, transformer: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write diffusers-format LoRA weights (`transformer.` keys, adapter config in the header).
 

@@ -51,3 +51,62 @@ def generate(*, model, loras, scale, prompt, out, seed, steps, width, height, gu
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, pnginfo=info)
     return out
+
+
+class TrainingSampler:
+    """Renders fixed prompts with the transformer being trained (no second copy of it).
+
+    Prompt embeddings are computed once, while the text encoders are loaded for caching, so the
+    encoders need not stay in memory; the pipeline gets the live transformer and its own VAE.
+    """
+
+    def __init__(self, family, prompts: list, embeds: list[dict], negative: dict, *, default_size: int,
+                 default_steps: int, default_guidance: float | None):
+        self.family, self.prompts, self.embeds, self.negative = family, prompts, embeds, negative
+        self.default_size, self.default_steps, self.default_guidance = default_size, default_steps, default_guidance
+        self._pipe = None
+
+    def render(self, transformer, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+        """[(PIL image, caption)] per prompt. Leaves every random stream as it found it."""
+        if self._pipe is None:
+            self._pipe = self.family.sampling_pipeline(transformer, dtype).to(device)
+            self._pipe.set_progress_bar_config(disable=True)
+        was_training = transformer.training
+        transformer.eval()
+        devices = [device] if device.type == "cuda" else []
+        results = []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                for p, emb in zip(self.prompts, self.embeds):
+                    size = (p.width or self.default_size, p.height or self.default_size)
+                    guidance = p.guidance if p.guidance is not None else self.default_guidance
+                    kwargs = self.family.pipeline_kwargs() | self.family.sample_kwargs(emb, self.negative, device)
+                    if guidance is not None:
+                        kwargs["guidance_scale"] = guidance
+                    image = self._pipe(
+                        width=size[0], height=size[1], num_inference_steps=p.steps or self.default_steps,
+                        generator=torch.Generator().manual_seed(p.seed), **kwargs,
+                    ).images[0]
+                    results.append((image, f"{p.prompt} (seed {p.seed})"))
+        finally:
+            transformer.train(was_training)
+        return results
+
+
+def image_grid(images: list, columns: int | None = None):
+    """Images side by side (rows of `columns`), on a white background, sizes may differ."""
+    from PIL import Image
+
+    columns = columns or len(images)
+    rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+    width = max(sum(im.width for im in row) for row in rows)
+    height = sum(max(im.height for im in row) for row in rows)
+    grid = Image.new("RGB", (width, height), "white")
+    y = 0
+    for row in rows:
+        x = 0
+        for im in row:
+            grid.paste(im, (x, y))
+            x += im.width
+        y += max(im.height for im in row)
+    return grid

@@ -63,6 +63,12 @@ class Family(Protocol):
 
     def load_pipeline(self, dtype: torch.dtype, **components): ...
 
+    def sampling_pipeline(self, transformer: torch.nn.Module, dtype: torch.dtype):
+        """The family's pipeline around a live transformer, without text encoders."""
+
+    def sample_kwargs(self, embeds: dict, negative: dict, device) -> dict:
+        """Pipeline arguments for one prompt's cached embeddings (and the empty prompt's, for CFG)."""
+
     def pipeline_kwargs(self) -> dict:
         """Arguments the family's pipeline call needs to match training (sequence length, text layers)."""
 

@@ -112,6 +112,12 @@ class CheckpointParts:
     def pipeline(self, dtype: torch.dtype, **components):
         return self.pipeline_cls.from_pretrained(self.path, revision=self.revision, dtype=dtype, **components)
 
+    def pipeline_without_text_encoders(self, transformer: torch.nn.Module, dtype: torch.dtype):
+        """The pipeline around a live transformer, for prompts given as embeddings."""
+        index = read_model_index(self.path, self.revision)
+        text_parts = {k: None for k in index if k.startswith(("text_encoder", "tokenizer"))}
+        return self.pipeline(dtype, transformer=transformer, **text_parts)
+
 
 def _diffusers_class(name: str):
     import diffusers

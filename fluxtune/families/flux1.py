@@ -111,5 +111,12 @@ class Flux1:
     def load_pipeline(self, dtype, **components):
         return self.parts.pipeline(dtype, **components)
 
+    def sampling_pipeline(self, transformer, dtype):
+        return self.parts.pipeline_without_text_encoders(transformer, dtype)
+
+    def sample_kwargs(self, embeds, negative, device) -> dict:
+        return {"prompt_embeds": embeds["prompt_embeds"][None].to(device),
+                "pooled_prompt_embeds": embeds["pooled_prompt_embeds"][None].to(device)}
+
     def pipeline_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

@@ -147,5 +147,14 @@ class Flux2:
     def load_pipeline(self, dtype, **components):
         return self.parts.pipeline(dtype, **components)
 
+    def sampling_pipeline(self, transformer, dtype):
+        return self.parts.pipeline_without_text_encoders(transformer, dtype)
+
+    def sample_kwargs(self, embeds, negative, device) -> dict:
+        kwargs = {"prompt_embeds": embeds["prompt_embeds"][None].to(device)}
+        if self.pipeline_cls is Flux2KleinPipeline:  # base klein runs real CFG against the empty prompt
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"][None].to(device)
+        return kwargs
+
     def pipeline_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "text_encoder_out_layers": self.out_layers}
