@@ -25,8 +25,15 @@ def _train(args) -> int:
     from fluxtune.train import train
 
     result = train(cfg)
-    print(f"done: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}")
-    print(f"LoRA: {result.lora_path}")
+    out = result.output_dir
+    print(f"done: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}"
+          + (f", eval loss {result.eval_loss['eval/loss']:.4f}" if result.eval_loss else ""))
+    print(f"LoRA:    {result.lora_path}")
+    if (out / "lora_ema").is_dir():
+        print(f"EMA:     {out / 'lora_ema'}")
+    if (out / "samples").is_dir():
+        print(f"samples: {out / 'samples'}")
+    print(f"logs:    {out / 'metrics.jsonl'}" + (f" (W&B run {result.run_id})" if result.run_id else ""))
     return 0
 
 
