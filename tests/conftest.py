@@ -27,6 +27,19 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """Every W&B folder under tmp_path, nothing sent anywhere; returns WANDB_DIR."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, sub in [("WANDB_DIR", "wandb_dir"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data"),
+                     ("WANDB_CACHE_DIR", "cache"), ("WANDB_ARTIFACT_DIR", "artifacts")]:
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    return tmp_path / "wandb_dir"
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     """Three real photos (CC0, bundled with scikit-image) with captions."""

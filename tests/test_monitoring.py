@@ -91,3 +91,28 @@ def test_ema_is_saved_beside_the_lora_and_loads(tiny_models, photos, tmp_path):
     with safe_open(ema_file, "pt") as f:
         assert f.metadata()["fluxtune.step"] == "4"
     FluxPipeline.from_pretrained(model).load_lora_weights(ema_file.parent)
+
+
+def test_offline_wandb_run_holds_losses_and_sample_images(tiny_models, photos, tmp_path, offline_wandb):
+    from wandb_files import history_rows, one_run_dir, wandb_records
+
+    out = tmp_path / "run"
+    result = train(config(tiny_models("flux2-klein"), photos, out, **{
+        "log.backend": "wandb", "log.every": 1, "log.project": "tests", "log.artifacts": "true",
+        "sample.every": 2, "sample.prompts": PROMPTS, "eval.fraction": 0.3, "eval.every": 2}))
+
+    assert result.run_id and (out / "wandb_run_id.txt").read_text().strip() == result.run_id
+    run_dir = one_run_dir(offline_wandb, result.run_id)
+    rows = history_rows(wandb_records(next(run_dir.glob("run-*.wandb"))))
+    losses = {r["_step"]: r["loss"] for r in rows if "loss" in r}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == {r["step"]: pytest.approx(r["loss"]) for r in logged if "loss" in r}
+    assert all(k in r for r in rows if "loss" in r for k in ("lr", "grad_norm", "step_s", "images_per_s",
+                                                               "peak_memory_gib", "epoch"))
+    assert sorted(r["_step"] for r in rows if "eval/loss" in r) == [2, 4]
+    sample_steps = sorted(r["_step"] for r in rows if r.get("samples._type") == "images/separated")
+    assert sample_steps == [0, 2, 4]
+    assert len(list((run_dir / "files" / "media" / "images").glob("*.png"))) == 2 * len(sample_steps)
+
+    with safe_open(result.lora_path, "pt") as f:  # the file traces back to its run
+        assert f.metadata()["fluxtune.run_id"] == result.run_id
