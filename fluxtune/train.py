@@ -28,7 +28,7 @@ from fluxtune.families import load_family
 from fluxtune.lora import WEIGHTS_NAME, add_file_metadata, add_lora, count_adapted, resolve_targets, save_lora
 from fluxtune.objective import batch_loss
 from fluxtune.sampling import TrainingSampler, image_grid
-from fluxtune.tracking import make_tracker, read_run_id
+from fluxtune.tracking import make_tracker
 
 log = logging.getLogger("fluxtune")
 
@@ -97,6 +97,8 @@ def train(cfg: Config) -> RunResult:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    # First, so a missing tracking package fails before anything is loaded.
+    tracker = _tracker(cfg, out, accelerator.is_main_process)
     set_seed(cfg.train.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -131,7 +133,7 @@ def train(cfg: Config) -> RunResult:
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
-        _tracker(cfg, out, accelerator.is_main_process), out, weight_dtype,
+        tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
         eval_set=CachedDataset(eval_entries) if eval_entries else None,
@@ -190,9 +192,11 @@ def _prepare_data(cfg: Config, family, accelerator):
 
 
 def _tracker(cfg: Config, out: Path, main: bool):
+    # A fresh run starts a fresh W&B run even in an old output folder (W&B drops steps below the
+    # last one logged); only a run resumed from a training checkpoint may continue the old run id.
     lg = cfg.log
     return make_tracker(lg.backend, project=lg.project, run_name=lg.run_name, tags=list(lg.tags),
-                        config=cfg.to_dict(), output_dir=out, resume_id=read_run_id(out), enabled=main)
+                        config=cfg.to_dict(), output_dir=out, resume_id=None, enabled=main)
 
 
 def _lr_scheduler(cfg: Config, optimizer):

@@ -78,6 +78,9 @@ def test_evaluation_loss_is_deterministic_and_logged(tiny_models, photos, tmp_pa
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]
+    # a separate held-out folder works the same way
+    other = train(config(model, photos, tmp_path / "other", **{"eval.path": photos, "eval.every": 4}))
+    assert other.eval_loss["eval/loss"] > 0 and len(other.eval_loss) == 1 + 5  # mean + the 5 default sigmas
     assert len({r["eval/loss"] for r in rows if "eval/loss" in r}) == 2  # it moves as the weights do
 
 
