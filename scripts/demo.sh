@@ -18,4 +18,5 @@ for lora in none demo_out/run/lora; do
     fluxtune generate --model demo_out/tiny-klein "${args[@]}" --steps 8 --width 256 --height 256 \
         --seed 0 --prompt "$prompt" --out "$out"
 done
-echo "demo finished: LoRA in demo_out/run/lora/, sample_base.png (no LoRA) and sample.png (LoRA) in demo_out/"
+echo "demo finished: LoRA in demo_out/run/lora/, samples during training in demo_out/run/samples/,"
+echo "sample_base.png (no LoRA) and sample.png (LoRA) in demo_out/"
