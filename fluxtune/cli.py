@@ -5,7 +5,9 @@
     fluxtune generate --model PATH [--lora DIR] --prompt TEXT [--out FILE]
     fluxtune make-tiny {flux1,flux1-schnell,flux2,flux2-klein} DIR
 
-Exit status: 0 done, 1 a bad model, data or LoRA (the message says which), 2 a bad config.
+Exit status: 0 done, 1 a bad model, data or LoRA, or a diverged run (the message says which),
+2 a bad config, 75 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with
+train.resume=latest).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import sys
 
 from fluxtune.config import ConfigError, load_config
-from fluxtune.errors import UserError
+from fluxtune.errors import EXIT_PREEMPTED, Preempted, UserError
 
 EXIT_CONFIG = 2
 
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fluxtune: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except Preempted as e:
+        print(f"fluxtune: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as e:
         print(f"fluxtune: error: {e}", file=sys.stderr)
         return 1

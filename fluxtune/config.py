@@ -167,6 +167,12 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     # Exponential moving average of the LoRA weights, used for samples and saved as lora_ema/.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    # Continue from a training-state checkpoint: "latest" (in output_dir/state; starts fresh when
+    # there is none yet) or a checkpoint folder.
+    resume: str | None = None
+    keep_checkpoints: int = Field(3, ge=1, description="training-state checkpoints kept in output_dir/state")
+    # Steps whose loss or gradient is NaN/Inf are skipped; this many in a row stop the run.
+    max_bad_steps: int = Field(5, ge=1)
     sigma: SigmaConfig = SigmaConfig()
 
 

@@ -99,3 +99,20 @@ def collate(samples: list[dict]) -> dict:
         "latents": torch.stack([s["latents"] for s in samples]),
         "text": {k: torch.stack([s["text"][k] for s in samples]) for k in text_keys},
     }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled order that depends only on (seed, epoch): a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+    def __len__(self):
+        return self.size

@@ -18,3 +18,10 @@ class DataError(UserError):
 
 class LoraError(UserError, ValueError):
     """LoRA settings or files that do not fit the model."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after writing a checkpoint; resume to continue
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a resumable checkpoint."""

@@ -20,8 +20,20 @@ import torch
 from tqdm.auto import tqdm
 
 from fluxtune.cache import CacheStats, build_cache, default_cache_dir
+from fluxtune.checkpoint import (
+    CheckpointError,
+    StopOnSignal,
+    load_state,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    resolve_resume,
+    restore_rng,
+    rng_state,
+    save_state,
+)
 from fluxtune.config import Config
-from fluxtune.data import CachedDataset, DataError, collate, scan_image_folder, split_holdout
+from fluxtune.data import CachedDataset, DataError, EpochSampler, collate, scan_image_folder, split_holdout
+from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
 from fluxtune.families import load_family
@@ -31,6 +43,10 @@ from fluxtune.sampling import TrainingSampler, image_grid
 from fluxtune.tracking import make_tracker
 
 log = logging.getLogger("fluxtune")
+
+
+class TrainingDiverged(UserError):
+    """Too many NaN/Inf steps in a row; the last good state was checkpointed."""
 
 
 @dataclass
@@ -67,9 +83,14 @@ class _Run:
     out: Path
     weight_dtype: torch.dtype
     guidance: float | None
+    order: EpochSampler | None = None
+    noise: torch.Generator | None = None  # noise and sigmas: our own stream, saved in checkpoints
     ema: LoraEMA | None = None
     sampler: TrainingSampler | None = None
     eval_set: CachedDataset | None = None
+    resume_from: Path | None = None
+    position: tuple[int, int] = (0, 0)  # (epoch, batches done in it): where the data order resumes
+    skipped_steps: int = 0
 
     @property
     def main(self) -> bool:
@@ -95,10 +116,14 @@ def train(cfg: Config) -> RunResult:
         gradient_accumulation_steps=cfg.train.grad_accum,
     )
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        _check_output_dir(out)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    # First, so a missing tracking package fails before anything is loaded.
-    tracker = _tracker(cfg, out, accelerator.is_main_process)
+    resume_from = resolve_resume(cfg.train.resume, out / "state")
+    # First, so a missing tracking package fails before anything is loaded. A resumed run goes on
+    # logging into its W&B run; a fresh one starts its own, even in an old output folder (W&B
+    # drops steps below the last one it has).
+    run_id = load_state(resume_from)[1].get("run_id") if resume_from else None
+    tracker = _tracker(cfg, out, accelerator.is_main_process, run_id)
     set_seed(cfg.train.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -125,16 +150,19 @@ def train(cfg: Config) -> RunResult:
         params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
     dataset = CachedDataset(train_entries, repeats=cfg.data.repeats)
+    order = EpochSampler(len(dataset), cfg.train.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
+        dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
         num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.train.batch_size,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
         tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
+        order=order, resume_from=resume_from,
+        # Our own CPU generator: the same seed gives the same run on any device; ranks differ.
+        noise=torch.Generator().manual_seed(cfg.train.seed * 1009 + accelerator.process_index),
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
         eval_set=CachedDataset(eval_entries) if eval_entries else None,
     )
@@ -143,6 +171,7 @@ def train(cfg: Config) -> RunResult:
 
     lora_path = out / "lora" / WEIGHTS_NAME
     if run.main:
+        _save_state(run, cfg.train.max_steps)  # lets a later run extend train.max_steps
         _save(run, out / "lora", cfg.train.max_steps)
     accelerator.wait_for_everyone()
     run.tracker.finish()
@@ -155,6 +184,26 @@ def train(cfg: Config) -> RunResult:
         summary = {**result.summary(), "model": model_info}
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
+
+
+MIN_FREE_BYTES = 512 * 2**20
+
+
+def _check_output_dir(out: Path) -> None:
+    """Before any model loads: the output folder must be writable and have room for checkpoints."""
+    import shutil
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out}: cannot write there ({e.strerror or e}); choose another output_dir") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"output_dir {out}: only {free / 2**20:.0f} MiB free; checkpoints need at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free some space or choose another output_dir")
 
 
 def _mixed_precision(setting: str) -> str:
@@ -191,12 +240,10 @@ def _prepare_data(cfg: Config, family, accelerator):
     return train_entries, eval_entries, stats, sampler
 
 
-def _tracker(cfg: Config, out: Path, main: bool):
-    # A fresh run starts a fresh W&B run even in an old output folder (W&B drops steps below the
-    # last one logged); only a run resumed from a training checkpoint may continue the old run id.
+def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):
     lg = cfg.log
     return make_tracker(lg.backend, project=lg.project, run_name=lg.run_name, tags=list(lg.tags),
-                        config=cfg.to_dict(), output_dir=out, resume_id=None, enabled=main)
+                        config=cfg.to_dict(), output_dir=out, resume_id=run_id, enabled=main)
 
 
 def _lr_scheduler(cfg: Config, optimizer):
@@ -206,59 +253,127 @@ def _lr_scheduler(cfg: Config, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.max_steps)
 
 
-def _batches(loader):
-    """Endless (epoch, batch) over epochs (the sampler reshuffles each epoch)."""
-    epoch = 0
+def _batches(loader, order: EpochSampler, epoch: int, done: int):
+    """Endless (epoch, batches done in that epoch, batch), starting after `done` batches of `epoch`."""
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+        order.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i >= done:
+                yield epoch, i + 1, batch
+        epoch, done = epoch + 1, 0
 
 
 def _loop(run: _Run) -> tuple[float, dict]:
     cfg, t, acc = run.cfg, run.cfg.train, run.accelerator
-    # Noise and sigmas come from our own generator on CPU: the same seed gives the same run on any
-    # device, and each rank draws different noise.
-    gen = torch.Generator().manual_seed(t.seed * 1009 + acc.process_index)
     sigma_sampling = {"mode": t.sigma.sampling, "logit_mean": t.sigma.logit_mean,
                       "logit_std": t.sigma.logit_std, "shift": t.sigma.shift}
-    batches = _batches(run.loader)
-    bar = tqdm(total=t.max_steps, desc="training", unit="step", disable=not run.main)
-    metrics = (run.out / "metrics.jsonl").open("a", encoding="utf-8") if run.main else None
+    start = _resume(run, run.resume_from) if run.resume_from else None
+    first_step = 1 if start is None else start["step"] + 1
+    position = (0, 0) if start is None else tuple(start["data"])
+    batches = _batches(run.loader, run.order, *position)
+    bar = tqdm(total=t.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not run.main)
+    metrics = _metrics_file(run.out, first_step - 1) if run.main else None
     window: list[dict] = []
-    loss_avg, eval_loss = math.nan, {}
-    if cfg.sample.every and cfg.sample.before_training:
+    loss_avg, eval_loss, bad_in_a_row = math.nan, {}, 0
+    if cfg.sample.every and cfg.sample.before_training and start is None:
         _sample(run, 0)
-    for step in range(1, t.max_steps + 1):
-        tick, losses = time.perf_counter(), []
-        for _ in range(t.grad_accum):
-            epoch, batch = next(batches)
-            with acc.accumulate(run.transformer):
-                loss = batch_loss(run.family, run.transformer, batch, generator=gen, sigma_sampling=sigma_sampling,
-                                  guidance=run.guidance, device=acc.device)
-                acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients and cfg.optim.max_grad_norm:
-                    grad_norm = acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().item())
-        run.scheduler.step()
-        if run.ema:
-            run.ema.update()
-        loss_avg = sum(losses) / len(losses)
-        row = {"step": step, "loss": loss_avg, "lr": run.scheduler.get_last_lr()[0], "epoch": epoch,
-               "grad_norm": None if grad_norm is None else float(grad_norm), "step_s": time.perf_counter() - tick}
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{row['lr']:.2e}")
-        window.append(row)
-        eval_loss = _after_step(run, step, window, metrics) or eval_loss
+    with StopOnSignal() as stop:
+        for step in range(first_step, t.max_steps + 1):
+            tick, losses, bad = time.perf_counter(), [], False
+            for _ in range(t.grad_accum):
+                epoch, done, batch = next(batches)
+                with acc.accumulate(run.transformer):
+                    loss = batch_loss(run.family, run.transformer, batch, generator=run.noise, device=acc.device,
+                                      sigma_sampling=sigma_sampling, guidance=run.guidance)
+                    bad = bad or not torch.isfinite(loss).item()
+                    if not bad:
+                        acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or math.inf)
+                        bad = bad or not torch.isfinite(grad_norm).item()
+                        if not bad:
+                            run.optimizer.step()
+                        run.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().item())
+            run.position = (epoch, done) if done < len(run.loader) else (epoch + 1, 0)
+            run.scheduler.step()
+            if run.ema and not bad:
+                run.ema.update()
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            run.skipped_steps += bad
+            loss_avg = sum(losses) / len(losses)
+            row = {"step": step, "loss": loss_avg, "lr": run.scheduler.get_last_lr()[0], "epoch": epoch,
+                   "grad_norm": float(grad_norm), "step_s": time.perf_counter() - tick,
+                   "skipped_steps": run.skipped_steps}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{row['lr']:.2e}")
+            window.append(row)
+            eval_loss = _after_step(run, step, window, metrics) or eval_loss
+            if bad_in_a_row >= t.max_bad_steps or stop.requested:
+                _save_state(run, step)
+                _stop(run, step, bad_in_a_row, stop.requested)
     bar.close()
     if metrics:
         metrics.close()
     return loss_avg, eval_loss
+
+
+def _stop(run: _Run, step: int, bad_in_a_row: int, signal_name: str | None):
+    where = f"{run.out / 'state'} (step {step})"
+    if signal_name:
+        raise Preempted(f"stopped on {signal_name}; checkpoint {where}. Resume with train.resume=latest")
+    raise TrainingDiverged(
+        f"loss or gradients were NaN/Inf for {bad_in_a_row} steps in a row; stopped with the last good "
+        f"weights in {where}. Try a lower optim.lr, optim.max_grad_norm (e.g. 1.0), mixed_precision bf16 "
+        "instead of fp16, or check the dataset for broken images"
+    )
+
+
+def _metrics_file(out: Path, last_step: int):
+    """Append to metrics.jsonl, first dropping rows a killed run wrote after the checkpoint resumed from."""
+    path = out / "metrics.jsonl"
+    if last_step and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return path.open("a" if last_step else "w", encoding="utf-8")
+
+
+def _save_state(run: _Run, step: int) -> None:
+    """Everything a resumed run needs to continue bit for bit (main process writes it)."""
+    if not run.main:
+        return
+    tensors = {f"lora.{n}": p for n, p in run.model.named_parameters() if "lora_" in n}
+    optim_tensors, optim_meta = optimizer_to_flat(run.optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state(run.noise)
+    tensors |= optim_tensors | rng_tensors
+    if run.ema:
+        tensors |= {f"ema.{i}": s for i, s in enumerate(run.ema.shadow)}
+    meta = {"data": list(run.position), "optimizer": optim_meta, "scheduler": run.scheduler.state_dict(),
+            "rng": rng_meta, "run_id": run.tracker.run_id, "skipped_steps": run.skipped_steps}
+    save_state(run.out / "state", step, tensors, meta, keep=run.cfg.train.keep_checkpoints)
+
+
+def _resume(run: _Run, folder: Path) -> dict:
+    tensors, meta = load_state(folder)
+    params = dict(run.model.named_parameters())
+    expected = {f"lora.{n}" for n in params if "lora_" in n}
+    found = {k for k in tensors if k.startswith("lora.")}
+    if found != expected or any(tensors[k].shape != params[k[5:]].shape for k in found):
+        raise CheckpointError(f"checkpoint {folder} was written for another model or LoRA shape "
+                              "(model.path, lora.rank, lora.targets must match the run that wrote it)")
+    with torch.no_grad():
+        for key in found:
+            params[key[5:]].copy_(tensors[key])
+    run.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+    run.scheduler.load_state_dict(meta["scheduler"])
+    if run.ema:
+        for i, shadow in enumerate(run.ema.shadow):
+            shadow.copy_(tensors[f"ema.{i}"])
+    restore_rng(tensors, meta["rng"], run.noise)
+    run.skipped_steps = meta.get("skipped_steps", 0)
+    log.info("resumed from %s (step %d)", folder, meta["step"])
+    return meta
 
 
 def _after_step(run: _Run, step: int, window: list[dict], metrics) -> dict | None:

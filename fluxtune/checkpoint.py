@@ -1,0 +1,246 @@
+"""Training-state checkpoints: everything needed to continue a run bit for bit.
+
+    save_state(out / "state", step, tensors, meta, keep=3)     # atomic: a kill never leaves a "valid" half
+    found = latest_state(out / "state")                       # newest checkpoint that verifies, or None
+    tensors, meta = load_state(found)
+
+A checkpoint is a folder `step-NNNNNN/` holding `tensors.safetensors` (LoRA weights, optimizer
+moments, EMA, RNG states), `state.json` (step, data position, scheduler, optimizer settings, run
+id) and `manifest.json` (sha256 of both, written last). It is written into a temporary folder,
+fsynced and renamed into place; `latest` then names it. Only safetensors and JSON are ever read
+back: no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fluxtune.errors import UserError
+
+log = logging.getLogger("fluxtune")
+
+TENSORS, META, MANIFEST, LATEST = "tensors.safetensors", "state.json", "manifest.json", "latest"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_state(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
+    """Write checkpoint `step` under `root`; keep the newest `keep`. On failure nothing valid changes."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+        (tmp / META).write_text(json.dumps({**meta, "step": step}), encoding="utf-8")
+        manifest = {f: _sha256(tmp / f) for f in (TENSORS, META)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        for f in (TENSORS, META, MANIFEST):
+            _fsync(tmp / f)
+        _fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write_text_atomic(root / LATEST, name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_state(root, warn=False)
+        raise CheckpointError(
+            f"writing checkpoint {final} failed ({e.strerror or e}); "
+            + (f"the previous checkpoint {previous} is intact. " if previous else "no earlier checkpoint exists. ")
+            + f"Free space in {root} and resume with train.resume=latest."
+        ) from None
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """None when `folder` is a complete checkpoint, else what is wrong with it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable manifest (an interrupted write?)"
+    for name, digest in manifest.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_state(root: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint under `root` that verifies; a broken newer one is skipped with a warning."""
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = root / LATEST
+    if pointer.is_file():  # `latest` first, though a newer complete folder also counts
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        candidates = sorted(set(candidates) | ({named} if named.is_dir() else set()), reverse=True)
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        if warn:
+            log.warning("checkpoint %s is unusable (%s); trying the previous one", folder, problem)
+    return None
+
+
+def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    problem = verify(folder)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is unusable: {problem}")
+    return load_file(folder / TENSORS), json.loads((folder / META).read_text(encoding="utf-8"))
+
+
+def resolve_resume(setting: str | None, root: Path) -> Path | None:
+    """train.resume -> the checkpoint folder to load, or None to start fresh."""
+    if setting is None:
+        return None
+    if setting == "latest":
+        found = latest_state(root)
+        if found is None:
+            log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", root)
+        return found
+    folder = Path(setting)
+    if folder.is_dir() and (folder / MANIFEST).exists():
+        load_state(folder)  # verify now, with a clear error
+        return folder
+    found = latest_state(folder) if folder.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"train.resume: {setting} is not a checkpoint folder nor a folder holding one")
+    return found
+
+
+# ----------------------------------------------------------------- optimizer and RNG state, no pickle
+
+
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors, JSON): per-parameter tensors go to safetensors."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state(noise: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    import random
+
+    import numpy as np
+
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.noise": noise.get_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), gauss_next]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, noise: torch.Generator) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["rng.torch"])
+    noise.set_state(tensors["rng.noise"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ------------------------------------------------------------------------------------ preemption
+
+EXIT_KILLED = 130
+
+
+class StopOnSignal:
+    """SIGTERM or SIGINT asks the loop to stop after the current step (`requested`); a second one
+    exits at once. Every write is atomic, so an exit at any moment corrupts nothing."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("second %s: exiting now; the last checkpoint is intact", name)
+            os._exit(EXIT_KILLED)
+        self.requested = name
+        log.warning("%s received: finishing this step, then writing a checkpoint (send again to exit now)", name)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
