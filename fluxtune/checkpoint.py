@@ -61,8 +61,9 @@ def save_state(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: di
     """Write checkpoint `step` under `root`; keep the newest `keep`. On failure nothing valid changes."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp, final = root / f".tmp-{name}", root / name
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, final, old = root / f".tmp-{name}", root / name, root / f".old-{name}"
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # from a run killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -72,10 +73,11 @@ def save_state(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: di
         for f in (TENSORS, META, MANIFEST):
             _fsync(tmp / f)
         _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a resumed run passing this step again: swap, never delete first
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
         _write_text_atomic(root / LATEST, name)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -135,6 +135,9 @@ def train(cfg: Config) -> RunResult:
     train_entries, eval_entries, cache_stats, sampler = _prepare_data(cfg, family, accelerator)
 
     transformer = family.load_transformer(weight_dtype).to(accelerator.device)
+    # Seed here, not only at the start: loading encoders (only when the cache is cold) may draw
+    # random numbers, and the LoRA's initial weights must not depend on the cache.
+    set_seed(cfg.train.seed)
     params = add_lora(
         transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
         targets=resolve_targets(family, cfg.lora.targets),
@@ -154,6 +157,9 @@ def train(cfg: Config) -> RunResult:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
         num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.train.batch_size,
+        # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
+        # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
@@ -256,6 +262,10 @@ def _lr_scheduler(cfg: Config, optimizer):
 def _batches(loader, order: EpochSampler, epoch: int, done: int):
     """Endless (epoch, batches done in that epoch, batch), starting after `done` batches of `epoch`."""
     while True:
+        # accelerate's loader sets its sampler's epoch from its own counter on every pass: set
+        # that counter (it passes the epoch on), or a resumed run would replay epoch 0's order.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         order.set_epoch(epoch)
         for i, batch in enumerate(loader):
             if i >= done:
@@ -402,6 +412,7 @@ def _after_step(run: _Run, step: int, window: list[dict], metrics) -> dict | Non
         _sample(run, step)
     if step % cfg.train.save_every == 0 and not last and run.main:
         _save(run, run.out / "checkpoints" / f"step-{step:06d}", step)
+        _save_state(run, step)
     return eval_loss
 
 
