@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -240,3 +241,29 @@ def test_unwritable_output_folder_fails_before_any_model_loads(tmp_path, photos,
     assert main(["train", "/dev/null", *args]) == 1
     err = capsys.readouterr().err
     assert "cannot write there" in err and "model_index" not in err
+
+
+def test_a_second_signal_exits_at_once_and_corrupts_nothing(reference, tmp_path):
+    data, _, _, _ = reference
+    out = tmp_path / "run"
+    long_run = {**data, "output_dir": str(out), "train": {**data["train"], "max_steps": 500}}
+    proc = spawn(write_config(tmp_path / "config.yaml", long_run))
+    wait_for_step(proc, out, 4)
+    proc.send_signal(signal.SIGTERM)  # two different signals: both are delivered, neither is merged
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert re.search(r"second SIG(INT|TERM): exiting now", output)
+    found = latest_state(out / "state")
+    assert found is not None and load_state(found)[1]["step"] <= max(losses(out))
+
+
+def test_too_little_disk_space_fails_before_any_model_loads(tmp_path, photos, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    args = [f"output_dir={tmp_path / 'run'}", "model.path=/does/not/matter", f"data.path={photos}"]
+    assert main(["train", "/dev/null", *args]) == 1
+    assert "only 1 MiB free" in capsys.readouterr().err
