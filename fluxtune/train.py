@@ -134,33 +134,14 @@ def train(cfg: Config) -> RunResult:
     )
     train_entries, eval_entries, cache_stats, sampler = _prepare_data(cfg, family, accelerator)
 
-    transformer = family.load_transformer(weight_dtype).to(accelerator.device)
-    # Seed here, not only at the start: loading encoders (only when the cache is cold) may draw
-    # random numbers, and the LoRA's initial weights must not depend on the cache.
+    # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
+    # the LoRA's initial weights must not depend on the cache.
     set_seed(cfg.train.seed)
-    params = add_lora(
-        transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-        targets=resolve_targets(family, cfg.lora.targets),
-    )
-    adapted = count_adapted(transformer)
-    log.info("LoRA on %d double-block and %d single-block modules, %.2fM parameters",
-             adapted["double"], adapted["single"], sum(p.numel() for p in params) / 1e6)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-
+    transformer, params = _lora_model(cfg, family, weight_dtype, accelerator.device)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
-    dataset = CachedDataset(train_entries, repeats=cfg.data.repeats)
-    order = EpochSampler(len(dataset), cfg.train.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
-        num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.train.batch_size,
-        # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
-        # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
+    loader, order = _loader(cfg, train_entries)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
@@ -210,6 +191,34 @@ def _check_output_dir(out: Path) -> None:
     if free < MIN_FREE_BYTES:
         raise UserError(f"output_dir {out}: only {free / 2**20:.0f} MiB free; checkpoints need at least "
                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free some space or choose another output_dir")
+
+
+def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, device):
+    transformer = family.load_transformer(weight_dtype).to(device)
+    params = add_lora(
+        transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        targets=resolve_targets(family, cfg.lora.targets),
+    )
+    adapted = count_adapted(transformer)
+    log.info("LoRA on %d double-block and %d single-block modules, %.2fM parameters",
+             adapted["double"], adapted["single"], sum(p.numel() for p in params) / 1e6)
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer, params
+
+
+def _loader(cfg: Config, entries):
+    dataset = CachedDataset(entries, repeats=cfg.data.repeats)
+    order = EpochSampler(len(dataset), cfg.train.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
+        num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.train.batch_size,
+        # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
+        # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    return loader, order
 
 
 def _mixed_precision(setting: str) -> str:
