@@ -2,7 +2,9 @@
 
 Entries are safetensors files named by a hash of everything that determines them (image bytes or
 caption text, the model's identity, the resolution), so one cache folder serves many runs and
-models, and a changed input can never be served a stale entry. Writes are atomic.
+models, and a changed input can never be served a stale entry. Writes are atomic (a `.tmp` file
+renamed into place), and each entry carries a sha256 of its tensors in its header: an entry that
+fails the check (flipped bits, a torn or foreign file) is re-encoded with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fluxtune.data import Item, load_image
@@ -23,6 +26,7 @@ from fluxtune.data import Item, load_image
 log = logging.getLogger("fluxtune")
 
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "fluxtune.sha256"
 
 
 @dataclass
@@ -48,18 +52,54 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:40]
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in name order (what a cache entry holds)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        # Bytes of any dtype (bf16 included) through a uint8 view: no copy.
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a sibling `.NAME.PID.tmp` and rename it into place: a reader sees the whole entry or
+    none. A killed process leaves only the `.tmp` file, which no lookup ever names."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _readable(path: Path) -> bool:
     try:
-        load_file(path)
-        return True
-    except Exception:  # a torn or foreign file: re-encode it
-        return False
+        save_file(tensors, str(tmp), metadata={CHECKSUM_KEY: tensors_sha256(tensors)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why the cache entry at `path` cannot be reused, or None when its checksum holds."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for torn or foreign files
+        return f"unreadable: {' '.join(str(e).split()) or type(e).__name__}"
+    if expected is None:
+        return "no checksum"
+    if tensors_sha256(tensors) != expected:
+        return "checksum mismatch"
+    return None
+
+
+def _reusable(path: Path, checked: dict[Path, bool]) -> bool:
+    """Whether `path` holds a sound entry; a file that is there but fails the check is reported
+    once and re-encoded."""
+    if path not in checked:
+        problem = entry_problem(path) if path.is_file() else "missing"
+        if problem not in (None, "missing"):
+            log.warning("cache entry %s is corrupt (%s); re-encoding", path, problem)
+        checked[path] = problem is None
+    return checked[path]
 
 
 def build_cache(
@@ -89,14 +129,15 @@ def build_cache(
         text = cache_dir / "text" / f"{_digest(identity, item.caption)}.safetensors"
         entries[item] = (latent, text)
 
-    stats.reused = sum(latent.is_file() and text.is_file() for latent, text in entries.values())
-    _encode_latents(family, entries, resolution, device, batch_size, stats)
-    _encode_texts(family, entries, device, batch_size, stats)
+    checked: dict[Path, bool] = {}
+    stats.reused = sum(_reusable(latent, checked) and _reusable(text, checked) for latent, text in entries.values())
+    _encode_latents(family, entries, resolution, device, batch_size, stats, checked)
+    _encode_texts(family, entries, device, batch_size, stats, checked)
     return {i: entries[i] for i in items if i in entries}, stats
 
 
-def _encode_latents(family, entries, resolution, device, batch_size, stats):
-    todo = [item for item, (latent, _) in entries.items() if not (latent.is_file() and _readable(latent))]
+def _encode_latents(family, entries, resolution, device, batch_size, stats, checked):
+    todo = [item for item, (latent, _) in entries.items() if not _reusable(latent, checked)]
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo)
     for start in range(0, len(todo), batch_size):
         batch, pixels = [], []
@@ -117,10 +158,10 @@ def _encode_latents(family, entries, resolution, device, batch_size, stats):
     bar.close()
 
 
-def _encode_texts(family, entries, device, batch_size, stats):
+def _encode_texts(family, entries, device, batch_size, stats, checked):
     todo: dict[Path, str] = {}
     for item, (_, text) in entries.items():
-        if text not in todo and not (text.is_file() and _readable(text)):
+        if text not in todo and not _reusable(text, checked):
             todo[text] = item.caption
     files = list(todo)
     bar = tqdm(total=len(files), desc="caching captions", unit="caption", disable=not files)

@@ -87,8 +87,11 @@ def save_state(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: di
             + (f"the previous checkpoint {previous} is intact. " if previous else "no earlier checkpoint exists. ")
             + f"Free space in {root} and resume with train.resume=latest."
         ) from None
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        # Renamed first: a kill mid-delete leaves a hidden leftover, never a half "step-" folder.
+        doomed = root / f".old-{stale.name}"
+        os.replace(stale, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

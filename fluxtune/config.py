@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,13 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN passes every `gt`/`ge` bound (all comparisons are false) and inf passes `gt=0`: neither
+    # is a usable learning rate, shift or guidance, so no float field takes them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# torch generators take seeds below 2**64, and the data order multiplies the seed: keep it small.
+SEED_LIMIT = 2**32
 
 
 class ModelConfig(_Section):
@@ -117,9 +124,9 @@ class LogConfig(_Section):
 
 class SamplePrompt(_Section):
     prompt: str
-    seed: int = 0
-    width: int | None = Field(None, ge=64, description="None = data.resolution")
-    height: int | None = Field(None, ge=64, description="None = data.resolution")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    width: int | None = Field(None, ge=64, le=4096, description="None = data.resolution")
+    height: int | None = Field(None, ge=64, le=4096, description="None = data.resolution")
     steps: int | None = Field(None, ge=1, description="None = sample.steps")
     guidance: float | None = Field(None, ge=0, description="None = sample.guidance")
 
@@ -143,7 +150,7 @@ class EvalConfig(_Section):
     fraction: float = Field(0.0, ge=0.0, lt=1.0)
     path: str | None = None
     sigmas: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=SEED_LIMIT)
 
     @field_validator("sigmas")
     @classmethod
@@ -157,7 +164,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     # auto: bf16 on a GPU, full fp32 on CPU (where bf16 autocast is slow and gains nothing).
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     # Guidance value fed to guidance-embedded transformers (FLUX.1-dev, FLUX.2-dev); ignored by
@@ -210,16 +217,54 @@ class Config(_Section):
 # ---------------------------------------------------------------------------- loading
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load; every failure becomes a ValueError with a one-line reason.
+
+    Besides YAMLError, PyYAML's constructors raise plain ValueError, KeyError or AttributeError for
+    malformed scalars (`2001-02-30`, `!!bool x`, `!!timestamp x`), and its composer recurses once
+    per nesting level (RecursionError on `[[[[...`).
+    """
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(_one_line(f"{e.context + ': ' if e.context else ''}{e.problem or ''}") + where) from None
+    except Exception as e:  # see the docstring: PyYAML raises many plain exception types
+        raise ValueError(_one_line(f"{e}") or type(e).__name__) from None
+
+
+def _show_key(part: str | int) -> str:
+    """One part of a dotted key as the user can find it: quoted when it is empty or has dots,
+    spaces or unprintable characters (a YAML key can be any string)."""
+    if isinstance(part, int) or (re.fullmatch(r"[\w+\-@/~]+", part) and part.isprintable()):
+        return str(part)
+    return repr(part)
+
+
+def _dotted(parts) -> str:
+    return ".".join(_show_key(p) for p in parts)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (`3`, `true`, `[1,2]`, `null`)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"override {item!r} is not of the form key.path=value"])
+    path = [part.strip() for part in key.split(".")]
+    if not all(path):
+        raise ConfigError([f"override {item!r}: {key.strip()!r} has an empty key name; write key.path=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError([f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})"]) from None
-    return key.strip().split("."), value
+        value = _safe_load(raw) if raw.strip() else ""
+    except ValueError as e:
+        raise ConfigError([f"override {item!r}: the value is not valid YAML ({e})"]) from None
+    return path, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -231,10 +276,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError([f"{'.'.join(path[: i + 1])}: is a value, cannot set {item!r} inside it"])
+                raise ConfigError([f"{_dotted(path[: i + 1])}: is a value, cannot set {item!r} inside it"])
             node = child
         node[path[-1]] = value
     return data
+
+
+def _key_text(key) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return str(key)
+
+
+def _string_keys(node, depth: int = 6, memo: dict | None = None):
+    """A copy of `node` whose mapping keys are all strings: YAML allows `1:`, `null:` or `true:`,
+    which pydantic would report without naming the key. Sections sit at most 4 levels deep;
+    deeper data is left as it is (it may be cyclic: YAML anchors can build loops)."""
+    if depth == 0 or not isinstance(node, (dict, list)):
+        return node
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, list):
+        out = memo[id(node)] = []
+        out.extend(_string_keys(v, depth - 1, memo) for v in node)
+        return out
+    out = memo[id(node)] = {}
+    for k, v in node.items():
+        out[_key_text(k)] = _string_keys(v, depth - 1, memo)
+    return out
 
 
 def _model_in(annotation) -> type[BaseModel] | None:
@@ -262,29 +336,50 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|tuple|literal|dict)\[.*\]|function-.*|[A-Z]\w*)$")
 
 
-def _format_error(err: dict) -> tuple[str, str]:
+def _key_path(loc: tuple, data) -> tuple:
+    """The parts of an error location that are keys or list indices, found by walking the input:
+    a union member's name is dropped unless the input has a key of that name (`Rank`, `None`)."""
+    parts, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and _UNION_MEMBER.match(part):
+            continue
+        else:  # a missing key: nothing below it in the input
+            node = None
+        parts.append(part)
+    return tuple(parts)
+
+
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 3, 40, 40, 4, 4
+
+
+def _format_error(err: dict, data) -> tuple[str, str]:
     """(dotted key, problem) for one pydantic error."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
-    if not loc:  # a cross-field check: its message names its keys
+    if not err["loc"]:  # a cross-field check: its message names its keys
         key, _, msg = err["msg"].removeprefix("Value error, ").partition(": ")
         return key, msg
-    key = ".".join(str(p) for p in loc)
+    loc = _key_path(err["loc"], data)
+    key = _dotted(loc) or "the top level"
     if err["type"] == "extra_forbidden":
         known = _fields_at(Config, loc)
         guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (guess[0],))}'?" if guess else ""
+        hint = f"; did you mean '{_dotted(loc[:-1] + (guess[0],))}'?" if guess else ""
         return key, f"unknown key{hint} (known here: {', '.join(known)})"
     if err["type"] == "missing":
         return key, "required key is missing"
-    return key, err["msg"].removeprefix("Value error, ").replace("Input should be ", "should be ", 1)
+    return key, _one_line(err["msg"].removeprefix("Value error, ").replace("Input should be ", "should be ", 1))
 
 
-def _problems(errors: list[dict]) -> list[str]:
+def _problems(errors: list[dict], data) -> list[str]:
     """One line per key; a value that fits no member of a union lists what each member wanted."""
     by_key: dict[str, list[str]] = {}
     inputs: dict[str, object] = {}
     for err in errors:
-        key, msg = _format_error(err)
+        key, msg = _format_error(err, data)
         if msg not in by_key.setdefault(key, []):
             by_key[key].append(msg)
         if err["loc"]:  # cross-field checks get the whole config as input: not worth showing
@@ -297,7 +392,7 @@ def _problems(errors: list[dict]) -> list[str]:
             continue
         line = f"{key}: {' or '.join(msgs)}"
         if key in inputs and not msgs[0].startswith(("unknown key", "required key")):
-            shown = repr(inputs[key])
+            shown = _short.repr(inputs[key])  # bounded depth and length: inputs can be deep or cyclic
             line += f" (got {shown[:57] + '...' if len(shown) > 60 else shown})"
         lines.append(line)
     return lines
@@ -309,12 +404,13 @@ _SECTIONS = ("model", "data", "lora", "optim", "train", "log", "sample", "eval")
 def build_config(data: Any, source: str | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], source)
+    data = _string_keys(data)
     # A section whose keys are all commented out loads as None: treat it as empty.
     data = {k: ({} if v is None and k in _SECTIONS else v) for k, v in data.items()}
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_problems(e.errors()), source) from None
+        raise ConfigError(_problems(e.errors(), data), source) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -325,11 +421,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
-            raise ConfigError([f"cannot read config file: {e.strerror}"], source) from None
+            raise ConfigError([f"cannot read config file: {e.strerror or e}"], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"not valid YAML: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"],
+                              source) from None
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
+            data = _safe_load(text)
+        except ValueError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if data is None:  # an empty file, or only comments
+            data = {}
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
     return build_config(data, source)

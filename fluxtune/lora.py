@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,9 @@ from fluxtune.errors import LoraError
 
 PRESETS = ("attention", "attention+mlp", "all-linear")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# Transformer config fields that fix the shapes of the adapted layers (FLUX.1 and FLUX.2 alike).
+BASE_SHAPE_FIELDS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
+                     "joint_attention_dim", "in_channels")
 
 
 def resolve_targets(family, targets: str | list[str]) -> str | list[str]:
@@ -86,6 +90,21 @@ def count_adapted(transformer: torch.nn.Module) -> dict[str, int]:
                 "double" if name.startswith("transformer_blocks.") else "other")
             counts[kind] += 1
     return counts
+
+
+def describe_base(transformer: torch.nn.Module, model_path: str | None = None) -> dict[str, str]:
+    """Header fields naming the base a LoRA is trained on, so a loader can say which base a file
+    needs: the transformer class, the config fields that fix layer shapes (compact JSON) and,
+    when given, the model's name or path."""
+    base = getattr(transformer, "_orig_mod", transformer)  # torch.compile's wrapper
+    base = getattr(base, "module", base)  # DDP's wrapper
+    config = getattr(base, "config", {}) or {}
+    shape = {k: config[k] for k in BASE_SHAPE_FIELDS if k in config}
+    fields = {"fluxtune.base_class": type(base).__name__,
+              "fluxtune.base_shape": json.dumps(shape, separators=(",", ":"))}
+    if model_path is not None:
+        fields["fluxtune.base_model"] = str(model_path)
+    return fields
 
 
 def add_file_metadata(file: str | Path, extra: dict[str, str]) -> None:

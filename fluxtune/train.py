@@ -37,7 +37,15 @@ from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
 from fluxtune.families import load_family
-from fluxtune.lora import WEIGHTS_NAME, add_file_metadata, add_lora, count_adapted, resolve_targets, save_lora
+from fluxtune.lora import (
+    WEIGHTS_NAME,
+    add_file_metadata,
+    add_lora,
+    count_adapted,
+    describe_base,
+    resolve_targets,
+    save_lora,
+)
 from fluxtune.objective import batch_loss
 from fluxtune.sampling import TrainingSampler, image_grid
 from fluxtune.tracking import make_tracker
@@ -440,7 +448,8 @@ def _sample(run: _Run, step: int) -> None:
 
 def _save(run: _Run, folder: Path, step: int) -> None:
     """The LoRA (and its EMA twin), stamped with the run id and step so a file traces back to its run."""
-    stamp = {"fluxtune.step": str(step), "fluxtune.run_id": run.tracker.run_id or ""}
+    stamp = {"fluxtune.step": str(step), "fluxtune.run_id": run.tracker.run_id or "",
+             **describe_base(run.model, run.cfg.model.path)}
     targets = [(folder, contextlib.nullcontext())]
     if run.ema:
         targets.append((folder.with_name(folder.name + "_ema"), run.ema.applied()))

@@ -68,6 +68,10 @@ def test_cli_train_then_plain_diffusers_load(kind, tiny_models, photos, tmp_path
     assert adapter_meta["transformer.r"] == RANK and adapter_meta["transformer.lora_alpha"] == ALPHA
     # every single block got its LoRA too, not only the double blocks
     assert any(".single_transformer_blocks." in k for k in keys)
+    with safe_open(lora_file, "pt") as f:  # the base it was trained for travels with the file
+        assert f.metadata()["fluxtune.base_model"] == str(model)
+        expected_class = "FluxTransformer2DModel" if kind == "flux1" else "Flux2Transformer2DModel"
+        assert f.metadata()["fluxtune.base_class"] == expected_class
 
     pipe = PIPELINES[kind].from_pretrained(model)
     base = pipe_output(kind, pipe)
