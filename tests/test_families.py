@@ -52,3 +52,30 @@ def test_family_specific_keys_are_refused_on_the_other_family(tiny_models):
         load_family(str(tiny_models("flux1")), text_encoder_out_layers=(1, 2, 3))
     with pytest.raises(ModelError, match="FLUX.1/Flex"):
         load_family(str(tiny_models("flux2-klein")), bypass_guidance=True)
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_are_refused_not_unpickled(tmp_path, photos, capsys):
+    import pickle
+
+    from fluxtune.tiny import make_tiny
+
+    model = make_tiny("flux2-klein", tmp_path / "model")
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    marker = tmp_path / "unpickled"
+    (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Marker(str(marker))))
+    args = [f"output_dir={tmp_path / 'out'}", f"model.path={model}", f"data.path={photos}", "data.resolution=64",
+            "train.max_steps=1"]
+    assert main(["train", "/dev/null", *args]) == 1
+    assert ".safetensors" in capsys.readouterr().err
+    assert not marker.exists()

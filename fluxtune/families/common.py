@@ -69,6 +69,11 @@ def block_regex(double: list[str], single: list[str]) -> str:
     return "^(" + "|".join(parts) + ")$"
 
 
+# Weights only ever come from safetensors: a checkpoint offering only pickled .bin files is refused
+# rather than unpickled (unpickling can run code from the file).
+SAFE = {"use_safetensors": True}
+
+
 class CheckpointParts:
     """Loads a pipeline's parts on demand and drops the encoders when asked.
 
@@ -85,7 +90,7 @@ class CheckpointParts:
     def text_pipe(self, device: torch.device):
         if self._text_pipe is None:
             self._text_pipe = self.pipeline_cls.from_pretrained(
-                self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype
+                self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype, **SAFE
             ).to(device)
         return self._text_pipe
 
@@ -93,7 +98,7 @@ class CheckpointParts:
         if self._vae is None:
             index = read_model_index(self.path, self.revision)
             vae_cls = _diffusers_class(index["vae"][1])
-            self._vae = vae_cls.from_pretrained(self.path, subfolder="vae", revision=self.revision, dtype=self.dtype)
+            self._vae = vae_cls.from_pretrained(self.path, subfolder="vae", revision=self.revision, dtype=self.dtype, **SAFE)
             self._vae.to(device).requires_grad_(False).eval()
         return self._vae
 
@@ -104,13 +109,19 @@ class CheckpointParts:
             torch.cuda.empty_cache()
 
     def transformer(self, dtype: torch.dtype) -> torch.nn.Module:
-        model = self.transformer_cls.from_pretrained(
-            self.path, subfolder="transformer", revision=self.revision, dtype=dtype
-        )
+        try:
+            model = self.transformer_cls.from_pretrained(
+                self.path, subfolder="transformer", revision=self.revision, dtype=dtype, **SAFE
+            )
+        except OSError as e:  # diffusers' "no file named ..." when only pickled weights exist
+            raise ModelError(
+                f"{self.path}: cannot load the transformer ({' '.join(str(e).split())[:300]}). fluxtune loads "
+                "weights only from .safetensors files; convert pickled .bin weights first"
+            ) from None
         return model.requires_grad_(False)
 
     def pipeline(self, dtype: torch.dtype, **components):
-        return self.pipeline_cls.from_pretrained(self.path, revision=self.revision, dtype=dtype, **components)
+        return self.pipeline_cls.from_pretrained(self.path, revision=self.revision, dtype=dtype, **SAFE, **components)
 
     def pipeline_without_text_encoders(self, transformer: torch.nn.Module, dtype: torch.dtype):
         """The pipeline around a live transformer, for prompts given as embeddings."""
