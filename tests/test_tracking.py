@@ -84,9 +84,11 @@ def test_wandb_resume_reuses_the_run_id(offline_wandb, tmp_path):
     assert second.run_id == first.run_id == read_run_id(out)
     folders = run_dirs(offline_wandb, first.run_id)
     assert len(folders) == 2
-    runs = [r.run for r in wandb_records(folders[1] / f"run-{first.run_id}.wandb")
+    # Folder names carry the start second (and "-1" for a clash), so do not rely on their order.
+    runs = [r.run for folder in folders for file in folder.glob("run-*.wandb") for r in wandb_records(file)
             if r.WhichOneof("record_type") == "run"]
-    assert runs[0].run_id == first.run_id and runs[0].resume and not runs[0].resumed
+    assert [r.run_id for r in runs] == [first.run_id] * 2
+    assert sorted(bool(r.resume) for r in runs) == [False, True] and not any(r.resumed for r in runs)
 
 
 def test_tensorboard_writes_scalars_images_and_artifact_notes(tmp_path):
