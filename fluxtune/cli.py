@@ -27,6 +27,10 @@ def _train(args) -> int:
     from fluxtune.train import train
 
     result = train(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one report is enough
+        return 0
     out = result.output_dir
     print(f"done: {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss['eval/loss']:.4f}" if result.eval_loss else ""))
