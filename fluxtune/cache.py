@@ -112,7 +112,8 @@ def build_cache(
 ) -> tuple[dict[Item, tuple[Path, Path]], CacheStats]:
     """Make sure every item has a latent and a text entry; returns {item: (latent, text)} for the
     usable items, in input order."""
-    identity = json.dumps({**family.identity(), "v": FORMAT_VERSION}, sort_keys=True)
+    latent_id, text_id = (json.dumps({**family.identity(p), "v": FORMAT_VERSION}, sort_keys=True)
+                          for p in ("latents", "text"))
     (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
     (cache_dir / "text").mkdir(parents=True, exist_ok=True)
     stats = CacheStats()
@@ -125,8 +126,8 @@ def build_cache(
             log.warning("skipping %s: cannot read (%s)", item.image, e.strerror)
             stats.skipped += 1
             continue
-        latent = cache_dir / "latents" / f"{_digest(identity, str(resolution), image_bytes)}.safetensors"
-        text = cache_dir / "text" / f"{_digest(identity, item.caption)}.safetensors"
+        latent = cache_dir / "latents" / f"{_digest(latent_id, str(resolution), image_bytes)}.safetensors"
+        text = cache_dir / "text" / f"{_digest(text_id, item.caption)}.safetensors"
         entries[item] = (latent, text)
 
     checked: dict[Path, bool] = {}

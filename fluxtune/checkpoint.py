@@ -135,6 +135,11 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(folder / TENSORS), json.loads((folder / META).read_text(encoding="utf-8"))
 
 
+def read_meta(folder: Path) -> dict:
+    """The JSON half of a checkpoint that `resolve_resume` has already verified (no tensors read)."""
+    return json.loads((folder / META).read_text(encoding="utf-8"))
+
+
 def resolve_resume(setting: str | None, root: Path) -> Path | None:
     """train.resume -> the checkpoint folder to load, or None to start fresh."""
     if setting is None:
@@ -146,7 +151,9 @@ def resolve_resume(setting: str | None, root: Path) -> Path | None:
         return found
     folder = Path(setting)
     if folder.is_dir() and (folder / MANIFEST).exists():
-        load_state(folder)  # verify now, with a clear error
+        problem = verify(folder)  # now, with a clear error, before any model loads
+        if problem:
+            raise CheckpointError(f"train.resume: checkpoint {folder} is unusable: {problem}")
         return folder
     found = latest_state(folder) if folder.is_dir() else None
     if found is None:

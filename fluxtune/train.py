@@ -26,6 +26,7 @@ from fluxtune.checkpoint import (
     load_state,
     optimizer_from_flat,
     optimizer_to_flat,
+    read_meta,
     resolve_resume,
     restore_rng,
     rng_state,
@@ -130,7 +131,7 @@ def train(cfg: Config) -> RunResult:
     # First, so a missing tracking package fails before anything is loaded. A resumed run goes on
     # logging into its W&B run; a fresh one starts its own, even in an old output folder (W&B
     # drops steps below the last one it has).
-    run_id = load_state(resume_from)[1].get("run_id") if resume_from else None
+    run_id = read_meta(resume_from).get("run_id") if resume_from else None
     tracker = _tracker(cfg, out, accelerator.is_main_process, run_id)
     set_seed(cfg.train.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -175,7 +176,7 @@ def train(cfg: Config) -> RunResult:
                        run.model, out, run.tracker.run_id, eval_loss)
     if run.main:
         # what was resolved from the checkpoint (e.g. FLUX.2 text layers): inference must use the same
-        model_info = {k: v for k, v in family.identity().items() if k != "weights"}
+        model_info = {k: v for k, v in family.identity("text").items() if k != "weights"}
         summary = {**result.summary(), "model": model_info}
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
@@ -312,16 +313,16 @@ def _loop(run: _Run) -> tuple[float, dict]:
                 with acc.accumulate(run.transformer):
                     loss = batch_loss(run.family, run.transformer, batch, generator=run.noise, device=acc.device,
                                       sigma_sampling=sigma_sampling, guidance=run.guidance)
-                    bad = bad or not torch.isfinite(loss).item()
+                    losses.append(loss.detach().item())  # the one host sync for the loss
+                    bad = bad or not math.isfinite(losses[-1])
                     if not bad:
                         acc.backward(loss)
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or math.inf)
-                        bad = bad or not torch.isfinite(grad_norm).item()
+                        grad_norm = float(acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or math.inf))
+                        bad = bad or not math.isfinite(grad_norm)
                         if not bad:
                             run.optimizer.step()
                         run.optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().item())
             run.position = (epoch, done) if done < len(run.loader) else (epoch + 1, 0)
             run.scheduler.step()
             if run.ema and not bad:
@@ -330,7 +331,7 @@ def _loop(run: _Run) -> tuple[float, dict]:
             run.skipped_steps += bad
             loss_avg = sum(losses) / len(losses)
             row = {"step": step, "loss": loss_avg, "lr": run.scheduler.get_last_lr()[0], "epoch": epoch,
-                   "grad_norm": float(grad_norm), "step_s": time.perf_counter() - tick,
+                   "grad_norm": grad_norm, "step_s": time.perf_counter() - tick,
                    "skipped_steps": run.skipped_steps}
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{row['lr']:.2e}")

@@ -161,3 +161,12 @@ def test_checksum_covers_names_dtypes_and_shapes():
     assert tensors_sha256({"a": torch.arange(4, dtype=torch.int32)}) != base
     assert tensors_sha256({"a": torch.arange(4, dtype=torch.float32)}) == base
     assert tensors_sha256({"a": torch.ones(3, dtype=torch.bfloat16)})  # dtypes numpy lacks
+
+
+def test_text_settings_do_not_touch_latent_keys_and_the_reverse(tiny_models):
+    from fluxtune.families import load_family
+
+    path = str(tiny_models("flux2"))
+    a, b = load_family(path), load_family(path, text_encoder_out_layers=(0, 1, 2))
+    assert a.identity("latents") == b.identity("latents")
+    assert a.identity("text") != b.identity("text")

@@ -30,8 +30,9 @@ class Family(Protocol):
     has_guidance: bool  # whether the transformer consumes a guidance value
     default_guidance: float  # value fed to it during training when the config says none
 
-    def identity(self) -> dict:
-        """What makes cached embeddings of this model unique (part of every cache key)."""
+    def identity(self, part: str) -> dict:
+        """What makes this model's cached "latents" or "text" unique (part of their cache keys):
+        changing the text settings must not re-encode latents, and the reverse."""
 
     def encode_prompts(self, captions: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
         """One dict of per-sample text tensors (no batch dim) per caption; loads encoders on first use."""

@@ -54,10 +54,12 @@ class Flux1:
         self.max_sequence_length = max_sequence_length or (512 if tcfg.get("guidance_embeds") else 256)
         self.parts = CheckpointParts(FluxPipeline, FluxTransformer2DModel, path, revision, dtype)
 
-    def identity(self) -> dict:
-        return {"family": self.name, "path": self.path, "revision": self.revision,
-                "max_sequence_length": self.max_sequence_length,
-                "weights": weights_fingerprint(self.path, ("vae", "text_encoder", "text_encoder_2"))}
+    def identity(self, part: str) -> dict:
+        base = {"family": self.name, "path": self.path, "revision": self.revision}
+        if part == "latents":
+            return base | {"weights": weights_fingerprint(self.path, ("vae",))}
+        return base | {"max_sequence_length": self.max_sequence_length,
+                       "weights": weights_fingerprint(self.path, ("text_encoder", "text_encoder_2"))}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)

@@ -91,11 +91,13 @@ class Flux2:
         self.out_layers = resolve_out_layers(pipeline_name, text_cfg, tcfg["joint_attention_dim"], text_encoder_out_layers)
         self.parts = CheckpointParts(self.pipeline_cls, Flux2Transformer2DModel, path, revision, dtype)
 
-    def identity(self) -> dict:
-        return {"family": self.name, "pipeline": self.pipeline_cls.__name__, "path": self.path,
-                "revision": self.revision, "out_layers": list(self.out_layers),
-                "max_sequence_length": self.max_sequence_length,
-                "weights": weights_fingerprint(self.path, ("vae", "text_encoder"))}
+    def identity(self, part: str) -> dict:
+        base = {"family": self.name, "pipeline": self.pipeline_cls.__name__, "path": self.path,
+                "revision": self.revision}
+        if part == "latents":
+            return base | {"weights": weights_fingerprint(self.path, ("vae",))}
+        return base | {"out_layers": list(self.out_layers), "max_sequence_length": self.max_sequence_length,
+                       "weights": weights_fingerprint(self.path, ("text_encoder",))}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)
