@@ -165,26 +165,46 @@ def resolve_resume(setting: str | None, root: Path) -> Path | None:
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state_dict -> (tensors, JSON): per-parameter tensors go to safetensors."""
-    tensors, scalars = {}, {}
+    """torch optimizer state_dict -> (tensors, JSON): per-parameter tensors go to safetensors.
+
+    Per-parameter state may nest (bitsandbytes wraps its quantization state in a dict): nested
+    keys join with dots. A tensor shared by several parameters (bitsandbytes' quantization maps)
+    is copied for each, as safetensors refuses tensors that share memory.
+    """
+    tensors, scalars, seen = {}, {}, set()
+
+    def add(path: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{path}.{key}", inner)
+        elif torch.is_tensor(value):
+            shared = value.untyped_storage().data_ptr() in seen
+            seen.add(value.untyped_storage().data_ptr())
+            tensors[f"optim.{path}"] = value.clone() if shared else value
+        else:
+            scalars[path] = value
+
     for idx, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
+        add(str(idx), per_param)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of `optimizer_to_flat` (state keys hold no dots: a dot means nesting)."""
     state: dict[int, dict] = {}
+
+    def put(path: str, value) -> None:
+        idx, *keys = path.split(".")
+        node = state.setdefault(int(idx), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+
     for name, value in tensors.items():
         if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
+            put(name.removeprefix("optim."), value)
     for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        put(name, value)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -10,14 +10,26 @@ a did-you-mean for misspelt keys, before any model is loaded (`ConfigError`).
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import reprlib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+log = logging.getLogger("fluxtune")
 
 
 class ConfigError(ValueError):
@@ -86,15 +98,93 @@ class LoraConfig(_Section):
     targets: str | list[str] = "attention"
 
 
+# The settings each optimizer takes besides the common ones (lr, weight_decay, ...), with their
+# defaults. A setting left out of the YAML takes the chosen optimizer's default; one that belongs
+# to another optimizer is an error. Lion wants other betas than Adam, hence one default each.
+OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "adamw8bit": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "paged_adamw8bit": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "lion8bit": {"betas": (0.9, 0.99)},
+    "prodigy": {"betas": (0.9, 0.999), "eps": 1e-8, "d_coef": 1.0, "safeguard_warmup": False,
+                "use_bias_correction": False},
+    # beta1 null: no first moment (Adafactor's memory saving); scale_parameter false: the step is
+    # lr itself, not lr times the weight's RMS, which is 0 for a fresh LoRA's B matrix.
+    "adafactor": {"beta1": None, "decay_rate": -0.8, "clip_threshold": 1.0, "scale_parameter": False},
+}
+_OWN_SETTINGS = sorted({key for settings in OPTIMIZER_SETTINGS.values() for key in settings})
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 class OptimConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    """Common keys, then the chosen optimizer's own settings (see OPTIMIZER_SETTINGS)."""
+
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "adafactor"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping")
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    # Own settings: None where the chosen optimizer does not take them.
+    betas: tuple[Beta, Beta] | None = None
+    eps: float | None = Field(None, gt=0)
+    d_coef: float | None = Field(None, gt=0, description="prodigy: multiplies its step-size estimate")
+    safeguard_warmup: bool | None = None
+    use_bias_correction: bool | None = None
+    beta1: Beta | None = None
+    decay_rate: float | None = Field(None, le=0)
+    clip_threshold: float | None = Field(None, gt=0)
+    scale_parameter: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data):
+        """The chosen optimizer's defaults for what the YAML leaves out, so the resolved config
+        (`fluxtune validate`, output_dir/config.yaml) shows every value the optimizer gets."""
+        if isinstance(data, dict):
+            name = data.get("name", "adamw")
+            if isinstance(name, str) and name in OPTIMIZER_SETTINGS:
+                unset = {k: v for k, v in OPTIMIZER_SETTINGS[name].items() if data.get(k) is None}
+                return {**data, **unset}
+        return data
+
+    @field_validator(*_OWN_SETTINGS)
+    @classmethod
+    def _belongs_to_name(cls, value, info: ValidationInfo):
+        name = info.data.get("name")  # absent when the name itself is invalid: reported there
+        if value is None or name is None or info.field_name in OPTIMIZER_SETTINGS[name]:
+            return value
+        takers = [n for n, settings in OPTIMIZER_SETTINGS.items() if info.field_name in settings]
+        raise ValueError(f"only applies to {_either(takers)}, not to optim.name {name}; remove it or change optim.name")
+
+    @model_validator(mode="after")
+    def _warn_unusual_lr(self):
+        """lr is never changed behind the user's back, but a value that suits AdamW is a poor start
+        for Lion or Prodigy: say so when the config loads (`fluxtune validate` shows it too)."""
+        if self.name == "lion8bit" and self.lr >= 1e-4:
+            log.warning("optim.lr %g with lion8bit: Lion's sign updates are larger than AdamW's; it "
+                        "usually wants an lr 3-10x lower than AdamW would use (e.g. 3e-5 for 1e-4)", self.lr)
+        if self.name == "prodigy" and not 0.1 <= self.lr <= 10:
+            log.warning("optim.lr %g with prodigy: Prodigy estimates the step size itself and expects "
+                        "optim.lr around 1.0 (lr multiplies its estimate)", self.lr)
+        if self.name == "prodigy" and self.warmup_steps and not self.safeguard_warmup:
+            log.warning("optim.safeguard_warmup: Prodigy's authors recommend true when warming up "
+                        "(optim.warmup_steps %d)", self.warmup_steps)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_chosen_settings(self, handler):
+        """The resolved config lists the chosen optimizer's settings, not every optimizer's."""
+        return {k: v for k, v in handler(self).items()
+                if k not in _OWN_SETTINGS or k in OPTIMIZER_SETTINGS[self.name]}
+
+    def own_settings(self) -> dict[str, Any]:
+        """The chosen optimizer's own settings as keyword arguments (for `make_optimizer`)."""
+        return {key: getattr(self, key) for key in OPTIMIZER_SETTINGS[self.name]}
 
 
 class SigmaConfig(_Section):

@@ -29,6 +29,16 @@ class Item:
     caption: str
 
 
+def dataset_sha256(items: list[Item]) -> str:
+    """Content identity of a dataset: sha256 over its images' bytes and captions, in name order.
+    The same photos and captions give the same hash in any folder, on any machine."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda i: (i.image.name, i.caption)):
+        digest.update(hashlib.sha256(item.image.read_bytes()).digest())
+        digest.update(hashlib.sha256(item.caption.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
 def scan_image_folder(folder: str | Path, default_caption: str = "", caption_extension: str = ".txt") -> list[Item]:
     folder = Path(folder)
     if not folder.is_dir():

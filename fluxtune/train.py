@@ -33,10 +33,11 @@ from fluxtune.checkpoint import (
     save_state,
 )
 from fluxtune.config import Config
-from fluxtune.data import CachedDataset, DataError, EpochSampler, collate, scan_image_folder, split_holdout
+from fluxtune.data import CachedDataset, DataError, EpochSampler, collate, dataset_sha256, scan_image_folder, split_holdout
 from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
+from fluxtune.export import training_metadata
 from fluxtune.families import load_family
 from fluxtune.lora import (
     WEIGHTS_NAME,
@@ -48,6 +49,7 @@ from fluxtune.lora import (
     save_lora,
 )
 from fluxtune.objective import batch_loss
+from fluxtune.optim import make_optimizer, require_optimizer
 from fluxtune.sampling import TrainingSampler, image_grid
 from fluxtune.tracking import make_tracker
 
@@ -99,6 +101,7 @@ class _Run:
     eval_set: CachedDataset | None = None
     resume_from: Path | None = None
     position: tuple[int, int] = (0, 0)  # (epoch, batches done in it): where the data order resumes
+    dataset: dict = field(default_factory=dict)  # size and content hash, for the LoRA's header
     skipped_steps: int = 0
 
     @property
@@ -115,6 +118,7 @@ def train(cfg: Config) -> RunResult:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    require_optimizer(cfg.optim.name)  # a missing optional package fails before anything is loaded
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     # accelerate keeps its settings in a process-wide singleton; a second train() in the same
@@ -141,15 +145,14 @@ def train(cfg: Config) -> RunResult:
         m.path, m.family, m.revision, text_encoder_out_layers=m.text_encoder_out_layers,
         bypass_guidance=m.bypass_guidance, max_sequence_length=m.max_sequence_length, dtype=weight_dtype,
     )
-    train_entries, eval_entries, cache_stats, sampler = _prepare_data(cfg, family, accelerator)
+    train_entries, eval_entries, cache_stats, sampler, dataset = _prepare_data(cfg, family, accelerator)
 
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
     # the LoRA's initial weights must not depend on the cache.
     set_seed(cfg.train.seed)
     transformer, params = _lora_model(cfg, family, weight_dtype, accelerator.device)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                               **cfg.optim.own_settings())
     loader, order = _loader(cfg, train_entries)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
@@ -160,7 +163,7 @@ def train(cfg: Config) -> RunResult:
         # Our own CPU generator: the same seed gives the same run on any device; ranks differ.
         noise=torch.Generator().manual_seed(cfg.train.seed * 1009 + accelerator.process_index),
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
-        eval_set=CachedDataset(eval_entries) if eval_entries else None,
+        eval_set=CachedDataset(eval_entries) if eval_entries else None, dataset=dataset,
     )
 
     final_loss, eval_loss = _loop(run)
@@ -255,13 +258,14 @@ def _prepare_data(cfg: Config, family, accelerator):
                                   default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
     family.free_encoders()
     train_entries = [entries[i] for i in items if i in entries]
+    used = [i for i in items if i in entries]
     eval_entries = [entries[i] for i in held_out if i in entries]
     if not train_entries:
         raise DataError(f"data.path {cfg.data.path}: none of the {len(items)} images could be read (see warnings above)")
     log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
              "encoded, %d reused", len(train_entries), len(eval_entries), stats.skipped, cache_dir,
              stats.latents_encoded, stats.texts_encoded, stats.reused)
-    return train_entries, eval_entries, stats, sampler
+    return train_entries, eval_entries, stats, sampler, {"images": len(used), "sha256": dataset_sha256(used)}
 
 
 def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):
@@ -378,7 +382,8 @@ def _save_state(run: _Run, step: int) -> None:
     if run.ema:
         tensors |= {f"ema.{i}": s for i, s in enumerate(run.ema.shadow)}
     meta = {"data": list(run.position), "optimizer": optim_meta, "scheduler": run.scheduler.state_dict(),
-            "rng": rng_meta, "run_id": run.tracker.run_id, "skipped_steps": run.skipped_steps}
+            "rng": rng_meta, "run_id": run.tracker.run_id, "skipped_steps": run.skipped_steps,
+            "optimizer_name": run.cfg.optim.name}
     save_state(run.out / "state", step, tensors, meta, keep=run.cfg.train.keep_checkpoints)
 
 
@@ -390,6 +395,11 @@ def _resume(run: _Run, folder: Path) -> dict:
     if found != expected or any(tensors[k].shape != params[k[5:]].shape for k in found):
         raise CheckpointError(f"checkpoint {folder} was written for another model or LoRA shape "
                               "(model.path, lora.rank, lora.targets must match the run that wrote it)")
+    saved_optimizer = meta.get("optimizer_name", "adamw")  # checkpoints before the choice were AdamW
+    if saved_optimizer != run.cfg.optim.name:
+        raise CheckpointError(f"checkpoint {folder} holds {saved_optimizer} optimizer state, but optim.name is "
+                              f"{run.cfg.optim.name}; resume with optim.name={saved_optimizer}, or start a new "
+                              "output_dir (or train.resume=null) to change optimizer")
     with torch.no_grad():
         for key in found:
             params[key[5:]].copy_(tensors[key])
@@ -450,7 +460,7 @@ def _sample(run: _Run, step: int) -> None:
 def _save(run: _Run, folder: Path, step: int) -> None:
     """The LoRA (and its EMA twin), stamped with the run id and step so a file traces back to its run."""
     stamp = {"fluxtune.step": str(step), "fluxtune.run_id": run.tracker.run_id or "",
-             **describe_base(run.model, run.cfg.model.path)}
+             **describe_base(run.model, run.cfg.model.path), **_training_metadata(run, step)}
     targets = [(folder, contextlib.nullcontext())]
     if run.ema:
         targets.append((folder.with_name(folder.name + "_ema"), run.ema.applied()))
@@ -460,6 +470,19 @@ def _save(run: _Run, folder: Path, step: int) -> None:
         add_file_metadata(target / WEIGHTS_NAME, stamp)
         if run.cfg.log.artifacts:
             run.tracker.log_artifact(target, name=f"{run.out.name}-{target.name}", metadata=stamp)
+
+
+def _training_metadata(run: _Run, step: int) -> dict[str, str]:
+    cfg = run.cfg
+    summary = {
+        "steps": step, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank, "targets": cfg.lora.targets,
+        "dataset": run.dataset, "optimizer": {"name": cfg.optim.name, "lr": cfg.optim.lr},
+        "batch_size": cfg.train.batch_size * cfg.train.grad_accum * run.accelerator.num_processes,
+        "resolution": cfg.data.resolution, "seed": cfg.train.seed, "precision": run.accelerator.mixed_precision,
+    }
+    return training_metadata(family=run.family.name, transformer_config=run.model.config,
+                             title=cfg.log.run_name or run.out.name, resolution=cfg.data.resolution,
+                             base_model=cfg.model.path, summary=summary)
 
 
 def _peak_memory_gib() -> float:
