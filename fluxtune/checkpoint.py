@@ -208,12 +208,12 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state(noise: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     import random
 
     import numpy as np
 
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.noise": noise.get_state()}
+    tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -222,13 +222,12 @@ def rng_state(noise: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, noise: torch.Generator) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     import random
 
     import numpy as np
 
     torch.set_rng_state(tensors["rng.torch"])
-    noise.set_state(tensors["rng.noise"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

@@ -90,7 +90,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Samples read from cache files: {"latents": (C,h,w), "text": {name: tensor}}."""
+    """Samples read from cache files: {"latents": (C,h,w), "text": {name: tensor}, "index": i}."""
 
     def __init__(self, entries: list[tuple[Path, Path]], repeats: int = 1):
         self.entries = list(entries) * repeats
@@ -100,7 +100,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         latent_file, text_file = self.entries[i]
-        return {"latents": load_file(latent_file)["latents"], "text": load_file(text_file)}
+        return {"latents": load_file(latent_file)["latents"], "text": load_file(text_file), "index": i}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -108,6 +108,7 @@ def collate(samples: list[dict]) -> dict:
     return {
         "latents": torch.stack([s["latents"] for s in samples]),
         "text": {k: torch.stack([s["text"][k] for s in samples]) for k in text_keys},
+        "index": torch.tensor([s["index"] for s in samples]),
     }
 
 

@@ -9,6 +9,7 @@ This is the only module that sees the whole config; everything it calls takes pl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -95,7 +96,6 @@ class _Run:
     weight_dtype: torch.dtype
     guidance: float | None
     order: EpochSampler | None = None
-    noise: torch.Generator | None = None  # noise and sigmas: our own stream, saved in checkpoints
     ema: LoraEMA | None = None
     sampler: TrainingSampler | None = None
     eval_set: CachedDataset | None = None
@@ -160,8 +160,6 @@ def train(cfg: Config) -> RunResult:
         tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
         order=order, resume_from=resume_from,
-        # Our own CPU generator: the same seed gives the same run on any device; ranks differ.
-        noise=torch.Generator().manual_seed(cfg.train.seed * 1009 + accelerator.process_index),
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
         eval_set=CachedDataset(eval_entries) if eval_entries else None, dataset=dataset,
     )
@@ -295,6 +293,17 @@ def _batches(loader, order: EpochSampler, epoch: int, done: int):
         epoch, done = epoch + 1, 0
 
 
+def _sample_generators(seed: int, epoch: int, batch: dict) -> list[torch.Generator]:
+    """One CPU generator per sample, keyed by (seed, epoch, sample): its noise and sigma are the
+    same on any device, in any batch, on any rank. So N processes with batch b train exactly like
+    one process with batch N*b, and a resumed run needs no noise stream state."""
+    gens = []
+    for index in batch["index"].tolist():
+        key = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+    return gens
+
+
 def _loop(run: _Run) -> tuple[float, dict]:
     cfg, t, acc = run.cfg, run.cfg.train, run.accelerator
     sigma_sampling = {"mode": t.sigma.sampling, "logit_mean": t.sigma.logit_mean,
@@ -315,7 +324,8 @@ def _loop(run: _Run) -> tuple[float, dict]:
             for _ in range(t.grad_accum):
                 epoch, done, batch = next(batches)
                 with acc.accumulate(run.transformer):
-                    loss = batch_loss(run.family, run.transformer, batch, generator=run.noise, device=acc.device,
+                    gens = _sample_generators(t.seed, epoch, batch)
+                    loss = batch_loss(run.family, run.transformer, batch, generator=gens, device=acc.device,
                                       sigma_sampling=sigma_sampling, guidance=run.guidance)
                     losses.append(loss.detach().item())  # the one host sync for the loss
                     bad = bad or not math.isfinite(losses[-1])
@@ -377,7 +387,7 @@ def _save_state(run: _Run, step: int) -> None:
         return
     tensors = {f"lora.{n}": p for n, p in run.model.named_parameters() if "lora_" in n}
     optim_tensors, optim_meta = optimizer_to_flat(run.optimizer.state_dict())
-    rng_tensors, rng_meta = rng_state(run.noise)
+    rng_tensors, rng_meta = rng_state()
     tensors |= optim_tensors | rng_tensors
     if run.ema:
         tensors |= {f"ema.{i}": s for i, s in enumerate(run.ema.shadow)}
@@ -408,7 +418,7 @@ def _resume(run: _Run, folder: Path) -> dict:
     if run.ema:
         for i, shadow in enumerate(run.ema.shadow):
             shadow.copy_(tensors[f"ema.{i}"])
-    restore_rng(tensors, meta["rng"], run.noise)
+    restore_rng(tensors, meta["rng"])
     run.skipped_steps = meta.get("skipped_steps", 0)
     log.info("resumed from %s (step %d)", folder, meta["step"])
     return meta

@@ -1,0 +1,60 @@
+"""Two processes over gloo (real DDP on CPU, started by `accelerate launch`) train one run: the LoRA
+is identical on both ranks and equal to a one-process run with the same global batch, and only
+the main process writes outputs.
+
+Noise and sigmas are drawn per sample from (seed, epoch, sample index), so how the global batch
+is split across processes does not change what is trained.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fluxtune.config import load_config
+from fluxtune.train import train
+
+WORKER = Path(__file__).parent / "workers" / "train_rank.py"
+
+
+def settings(model, photos, out, cache, batch_size):
+    # 3 photos x 4 repeats = 12 samples: 3 global batches of 4 per epoch, on 1 or 2 processes alike;
+    # 4 steps cross into a second epoch.
+    items = {"output_dir": out, "model.path": model, "data.path": photos, "data.resolution": 64,
+             "data.repeats": 4, "data.cache_dir": cache, "train.max_steps": 4, "train.batch_size": batch_size,
+             "train.seed": 3, "train.save_every": 2, "lora.rank": 4, "lora.alpha": 8, "optim.lr": 0.01,
+             "log.backend": "none"}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, photos, tmp_path):
+    model = tiny_models("flux2-klein")
+    cache = tmp_path / "cache"
+    single = train(load_config(None, settings(model, photos, tmp_path / "single", cache, batch_size=4)))
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER)]
+    out = tmp_path / "ddp"
+    proc = subprocess.run(launch + settings(model, photos, out, cache, batch_size=2), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    one = load_file(single.lora_path)
+    assert saved.keys() == one.keys()
+    moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)
+    assert moved > 1e-3  # training moved the weights: the comparison below means something
+    for key in one:
+        torch.testing.assert_close(saved[key], one[key], atol=1e-5, rtol=1e-4)
+
+    # One writer: one metrics row per step, one set of checkpoints.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "state").iterdir() if p.name.startswith("step-")) == ["step-000002", "step-000004"]

@@ -1,0 +1,24 @@
+"""Run by `accelerate launch` in tests: trains with the given overrides, then every rank saves its
+own copy of the LoRA weights to <output_dir>/rank<i>.safetensors, so a test can compare ranks.
+
+    accelerate launch ... tests/workers/train_rank.py key=value ...
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from fluxtune.config import load_config
+from fluxtune.train import train
+
+torch.set_num_threads(1)
+cfg = load_config(None, sys.argv[1:])
+result = train(cfg)
+from accelerate import PartialState  # noqa: E402  (the state exists once train() has run)
+
+rank = PartialState().process_index
+weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(result.transformer).items()}
+save_file(weights, str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
