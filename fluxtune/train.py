@@ -128,6 +128,7 @@ def train(cfg: Config) -> RunResult:
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
     )
+    _refuse_sharding(accelerator)
     if accelerator.is_main_process:
         _check_output_dir(out)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -184,6 +185,15 @@ def train(cfg: Config) -> RunResult:
 
 
 MIN_FREE_BYTES = 512 * 2**20
+
+
+def _refuse_sharding(accelerator) -> None:
+    """Saving, sampling and evaluation run on the main process only, which under parameter
+    sharding (FSDP, DeepSpeed ZeRO-3) would wait forever for the other ranks. Say so at once."""
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"accelerate is set up for {kind}, which fluxtune does not support yet; use data parallel "
+                        "(configs/accelerate/ddp.yaml) and, when the base does not fit one GPU, model.quantize")
 
 
 def _check_output_dir(out: Path) -> None:

@@ -58,3 +58,48 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, ph
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "state").iterdir() if p.name.startswith("step-")) == ["step-000002", "step-000004"]
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_shipped_accelerate_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert [f.name for f in files] == ["ddp-multinode.yaml", "ddp.yaml"]
+    for file in files:
+        config = ClusterConfig.from_yaml_file(str(file))  # unknown keys raise
+        assert config.distributed_type == DistributedType.MULTI_GPU and config.mixed_precision == "bf16"
+
+
+def test_slurm_script_launches_one_process_per_gpu_on_every_node():
+    env = {**os.environ, "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_ON_NODE": "h100:4", "MASTER_ADDR": "node07",
+           "DRY_RUN": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_train.sh"), "configs/flux2-dev.yaml",
+                           "train.max_steps=10"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout
+    for part in ["--num_machines 3", "--num_processes 12", "--machine_rank $SLURM_NODEID",
+                 "--main_process_ip node07", "--main_process_port 29500", "-m fluxtune.cli train configs/flux2-dev.yaml train.max_steps=10"]:
+        assert part in line, part
+    missing = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_train.sh"), "c.yaml"],
+                             env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "SLURM_JOB_NUM_NODES" in missing.stderr
+
+
+def test_parameter_sharding_is_refused_with_advice():
+    from types import SimpleNamespace
+
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from fluxtune.errors import UserError
+    from fluxtune.train import _refuse_sharding
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
+            _refuse_sharding(SimpleNamespace(distributed_type=kind))
+    _refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
