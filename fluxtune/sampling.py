@@ -1,21 +1,31 @@
-"""Images from a FLUX pipeline with LoRAs: `fluxtune generate`.
+"""Images from a FLUX pipeline with LoRAs: `fluxtune generate`, and samples during training.
 
     fluxtune generate --model ./tiny --lora runs/demo/lora --prompt "a photo of sks" --out cat.png
+    fluxtune generate --model ./tiny --lora style:0.8 --lora subject --prompts-file prompts.txt \
+        --num-images 4 --batch-size 4 --out-dir generated/    # one PNG per (prompt, seed) + contact_sheet.png
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
-from fluxtune.errors import LoraError
+from fluxtune.errors import LoraError, UserError
 from fluxtune.families import load_family
+from fluxtune.families.common import read_model_index
 from fluxtune.lora import WEIGHTS_NAME, describe_base
+
+log = logging.getLogger("fluxtune")
 
 # Formats that unpickle on load, i.e. run code from the file.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -85,8 +95,13 @@ class _DropFailedLoadLog(logging.Filter):
         return "was unsuccessful with the following error" not in record.getMessage()
 
 
-def load_pipeline_with_loras(family, loras: list[str], scale: float, dtype: torch.dtype):
-    files = [resolve_lora(lora) for lora in loras]  # before any model or LoRA is loaded
+def load_pipeline_with_loras(family, loras: list[str], scale: float | Sequence[float], dtype: torch.dtype):
+    """The family's pipeline with each LoRA loaded as its own adapter. `scale` is one strength for
+    all of them or one per LoRA, in order; every file is checked before any model is loaded."""
+    scales = [scale] * len(loras) if isinstance(scale, (int, float)) else list(scale)
+    if len(scales) != len(loras):
+        raise ValueError(f"{len(scales)} LoRA strengths for {len(loras)} LoRAs")
+    files = [resolve_lora(lora) for lora in loras]
     headers = [_header(f) if isinstance(f, Path) else {} for f in files]
     pipe = family.load_pipeline(dtype)
     # Taken before loading: a failed FLUX.1 load can leave layers widened to the LoRA's shapes.
@@ -116,29 +131,252 @@ def load_pipeline_with_loras(family, loras: list[str], scale: float, dtype: torc
             peft_log.removeFilter(quiet)
         names.append(name)
     if names:
-        pipe.set_adapters(names, adapter_weights=[scale] * len(names))
+        pipe.set_adapters(names, adapter_weights=scales)
     return pipe
 
 
-def generate(*, model, loras, scale, prompt, out, seed, steps, width, height, guidance, family="auto") -> Path:
+class GenerateError(UserError, ValueError):
+    """Prompts, seeds or output settings that `fluxtune generate` cannot use."""
+
+
+NO_PROMPT = "no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE"
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """How a kind of checkpoint is meant to be sampled (its model card's settings)."""
+
+    kind: str
+    why: str  # what in the checkpoint's configs says it is this kind
+    steps: int
+    guidance: float | None  # None: the model takes no guidance value
+    cfg: bool  # guidance > 1 runs real classifier-free guidance against a negative prompt
+
+
+MODEL_DEFAULTS = {
+    d.kind: d for d in [
+        # Guidance-distilled: guidance is an input of the transformer (Flex.1 counts as this kind too).
+        ModelDefaults("FLUX.1-dev", "FluxPipeline, transformer has a guidance embedder", 28, 3.5, cfg=False),
+        ModelDefaults("FLUX.1-schnell", "FluxPipeline, transformer has no guidance embedder", 4, None, cfg=False),
+        ModelDefaults("FLUX.2-dev", "Flux2Pipeline", 50, 4.0, cfg=False),
+        ModelDefaults("FLUX.2-klein base", "Flux2KleinPipeline, is_distilled false", 50, 4.0, cfg=True),
+        # Step-distilled: CFG is baked in, the pipeline ignores guidance_scale.
+        ModelDefaults("FLUX.2-klein distilled", "Flux2KleinPipeline, is_distilled true", 4, 1.0, cfg=False),
+    ]
+}
+
+
+def model_defaults(family) -> ModelDefaults:
+    """Which kind of checkpoint `family` loads, read from its configs rather than its name (local
+    folders and fine-tunes have any name): FLUX.1's guidance embedder tells dev from schnell, and
+    klein's `is_distilled` in model_index.json (what Flux2KleinPipeline reads) tells distilled
+    checkpoints from the base ones."""
+    pipeline = family.pipeline_cls.__name__
+    if pipeline == "Flux2KleinPipeline":
+        distilled = read_model_index(family.path, family.revision).get("is_distilled", False)
+        return MODEL_DEFAULTS["FLUX.2-klein distilled" if distilled else "FLUX.2-klein base"]
+    if pipeline == "Flux2Pipeline":
+        return MODEL_DEFAULTS["FLUX.2-dev"]
+    return MODEL_DEFAULTS["FLUX.1-dev" if family.has_guidance else "FLUX.1-schnell"]
+
+
+class LoraSpec(NamedTuple):
+    source: str  # folder, .safetensors file or hub id
+    scale: float
+
+
+def _strength(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise LoraError(f"{where}: LoRA strength {value} is not a finite number")
+    return value
+
+
+def parse_lora(arg: str, default_scale: float = 1.0) -> LoraSpec:
+    """`PATH[:SCALE]`. The suffix counts only when it is a number, so paths holding a colon (and
+    hub ids) still work; a non-number after an existing path is reported as a bad strength."""
+    head, colon, tail = arg.rpartition(":")
+    if colon:
+        try:
+            scale = float(tail)
+        except ValueError:
+            if Path(head).exists() and not Path(arg).exists():
+                raise LoraError(f"--lora {arg}: strength {tail!r} is not a number (e.g. {head}:0.8)") from None
+        else:
+            if not head:
+                raise LoraError(f"--lora {arg}: no LoRA path before the strength")
+            return LoraSpec(head, _strength(scale, f"--lora {arg}"))
+    return LoraSpec(arg, _strength(default_scale, "--scale"))
+
+
+def read_prompts_file(file: str | Path) -> list[str]:
+    """One prompt per non-empty line; lines starting with `#` are comments, so a prompt list can
+    carry notes. A UTF-8 byte-order mark (Windows editors) is accepted."""
+    path = Path(file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"prompts file {path}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise GenerateError(f"prompts file {path}: cannot read it ({e.strerror or e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise GenerateError(f"prompts file {path} holds no prompt (one per line; lines starting with # are comments)")
+    return prompts
+
+
+def gather_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
+    """`--prompt` values, then the prompts file's lines."""
+    found = list(prompts) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
+    if not found:
+        raise GenerateError(NO_PROMPT)
+    return found
+
+
+def seed_list(seed: int | None = None, num_images: int | None = None, seeds: str | None = None) -> list[int]:
+    """`--seeds 1,5,9` as listed, or `--num-images K` seeds counting up from `--seed N` (0, 1 image)."""
+    if seeds is not None:
+        if seed is not None or num_images is not None:
+            raise GenerateError("--seeds lists every seed; drop --seed and --num-images")
+        try:
+            return [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise GenerateError(f"--seeds {seeds!r}: expected whole numbers separated by commas, e.g. 1,5,9") from None
+    if num_images is not None and num_images < 1:
+        raise GenerateError(f"--num-images {num_images}: must be at least 1")
+    first = 0 if seed is None else seed
+    return list(range(first, first + (num_images or 1)))
+
+
+def image_name(prompt_index: int, seed: int, prompt_digits: int = 2, seed_digits: int = 7) -> str:
+    """`p00-s0000000.png`: zero-padded, so files sort by prompt, then seed."""
+    return f"p{prompt_index:0{prompt_digits}d}-s{seed:0{seed_digits}d}.png"
+
+
+def _save_png(image, path: Path, settings: dict) -> Path:
+    """PNG with the settings that made it as JSON under the text key "fluxtune"."""
+    info = PngInfo()
+    info.add_text("fluxtune", json.dumps(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+@dataclass(frozen=True)
+class Generated:
+    images: list[Path]  # prompt-major: every seed of the first prompt, then the next prompt's
+    contact_sheet: Path | None  # None when one file was asked for with `out`
+    settings: dict  # what every image shares (its PNG metadata less prompt and seed)
+
+
+def generate(*, model: str, prompts: Sequence[str], seeds: Sequence[int], loras: Sequence[str] = (),
+             scale: float = 1.0, out_dir: str | Path = "generated", out: str | Path | None = None,
+             steps: int | None = None, width: int = 1024, height: int = 1024, guidance: float | None = None,
+             negative_prompt: str | None = None, batch_size: int = 1, family: str = "auto",
+             progress: bool = True) -> Generated:
+    """One PNG per (prompt, seed) in `out_dir` plus `contact_sheet.png` (rows: prompts, columns:
+    seeds), or the single image at `out`. `loras` are `PATH[:SCALE]`, `scale` the strength of
+    those without one; steps and guidance default to the model's own (`model_defaults`).
+    Everything the user gave is checked before any weights are loaded."""
+    _check_request(prompts, seeds, batch_size, out, steps)
+    specs = [parse_lora(arg, scale) for arg in loras]
     device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fam = load_family(model, family, dtype=dtype)
-    pipe = load_pipeline_with_loras(fam, loras, scale, dtype).to(device)
-    pipe.set_progress_bar_config(desc="generating")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    # FLUX.2 pipelines take `image` first: everything by keyword.
-    kwargs = fam.pipeline_kwargs() | ({} if guidance is None else {"guidance_scale": guidance})
-    image = pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps, generator=generator,
-                 **kwargs).images[0]
-    info = PngInfo()
-    settings = {"prompt": prompt, "model": model, "loras": loras, "scale": scale, "seed": seed, "steps": steps,
-                "guidance": guidance}
-    info.add_text("fluxtune", json.dumps(settings))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, pnginfo=info)
-    return out
+    defaults = model_defaults(fam)
+    steps, guidance, cfg = _choose_settings(defaults, steps, guidance, negative_prompt, model)
+
+    pipe = load_pipeline_with_loras(fam, [s.source for s in specs], [s.scale for s in specs], dtype).to(device)
+    settings = {"model": str(model), "family": fam.name, "pipeline": type(pipe).__name__, "kind": defaults.kind,
+                "loras": [{"path": s.source, "scale": s.scale} for s in specs], "steps": steps,
+                "size": [width, height], "guidance": guidance}
+    call = fam.pipeline_kwargs() | {"width": width, "height": height, "num_inference_steps": steps}
+    if guidance is not None:
+        call["guidance_scale"] = guidance
+    if cfg:
+        settings["negative_prompt"] = negative_prompt or ""
+        call["negative_prompt_embeds"] = _negative_embeds(pipe, negative_prompt or "", device, fam.pipeline_kwargs())
+
+    if out is not None:
+        jobs = [(prompts[0], seeds[0], Path(out))]
+    else:
+        digits = (max(2, len(str(len(prompts) - 1))), max(7, len(str(max(seeds)))))
+        jobs = [(prompt, seed, Path(out_dir) / image_name(i, seed, *digits))
+                for i, prompt in enumerate(prompts) for seed in seeds]
+    images = _render(pipe, jobs, call, settings, batch_size, progress)
+    sheet = None
+    if out is None:
+        sheet = _save_png(image_grid(images, columns=len(seeds)), Path(out_dir) / "contact_sheet.png",
+                          settings | {"prompts": list(prompts), "seeds": list(seeds)})
+    return Generated([path for _, _, path in jobs], sheet, settings)
+
+
+def _check_request(prompts, seeds, batch_size: int, out, steps: int | None) -> None:
+    if not prompts:
+        raise GenerateError(NO_PROMPT)
+    if not seeds:
+        raise GenerateError("no seed given")
+    if min(seeds) < 0:
+        raise GenerateError(f"seeds must not be negative (got {min(seeds)})")
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise GenerateError(f"seed {repeated[0]} is given twice; each seed names one image file")
+    if batch_size < 1:
+        raise GenerateError(f"--batch-size {batch_size}: must be at least 1")
+    if steps is not None and steps < 1:
+        raise GenerateError(f"--steps {steps}: must be at least 1")
+    if out is not None and len(prompts) * len(seeds) != 1:
+        raise GenerateError(f"--out writes one image, but {len(prompts)} prompt(s) x {len(seeds)} seed(s) were asked "
+                            "for; use --out-dir DIR")
+
+
+def _choose_settings(defaults: ModelDefaults, steps: int | None, guidance: float | None,
+                     negative_prompt: str | None, model: str) -> tuple[int, float | None, bool]:
+    """Steps, guidance and whether it runs CFG: the user's where given, else the model's; says
+    what was chosen, since the defaults differ a lot between kinds of checkpoint."""
+    steps = defaults.steps if steps is None else steps
+    if guidance is not None and defaults.guidance is None:
+        log.warning("--guidance %s is ignored: %s takes no guidance", guidance, defaults.kind)
+        guidance = None
+    elif guidance is None:
+        guidance = defaults.guidance
+    cfg = defaults.cfg and guidance > 1
+    if negative_prompt is not None and not cfg:
+        raise GenerateError(f"--negative-prompt needs classifier-free guidance, which only FLUX.2-klein base "
+                            f"checkpoints run (with --guidance above 1); {model} is {defaults.kind}, guidance {guidance}")
+    how = "no guidance" if guidance is None else f"guidance {guidance}" + (" with CFG" if cfg else "")
+    log.info("%s (%s): %d steps, %s", defaults.kind, defaults.why, steps, how)
+    return steps, guidance, cfg
+
+
+def _negative_embeds(pipe, text: str, device: torch.device, encode_kwargs: dict) -> torch.Tensor:
+    """One negative prompt's embedding (1, T, D), encoded once for every batch: Flux2KleinPipeline
+    takes negative prompts only as embeddings (its own default is the empty prompt's)."""
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(prompt=[text], device=device, **encode_kwargs)
+    return embeds
+
+
+def _render(pipe, jobs: list[tuple[str, int, Path]], call: dict, settings: dict, batch_size: int,
+            progress: bool) -> list:
+    """Renders and saves (prompt, seed, path) jobs `batch_size` at a time. Each image gets its own
+    seeded generator, so it does not depend on the batch it was rendered in."""
+    # With many images one bar over images says more than a bar per pipeline call.
+    pipe.set_progress_bar_config(desc="generating", disable=len(jobs) > 1 or not progress)
+    images = []
+    with tqdm(total=len(jobs), desc="images", unit="img", disable=len(jobs) == 1 or not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            kwargs = dict(call)
+            if "negative_prompt_embeds" in kwargs:
+                kwargs["negative_prompt_embeds"] = kwargs["negative_prompt_embeds"].expand(len(batch), -1, -1)
+            rendered = pipe(prompt=[prompt for prompt, _, _ in batch],
+                            generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed, _ in batch],
+                            **kwargs).images
+            for (prompt, seed, path), image in zip(batch, rendered):
+                _save_png(image, path, settings | {"prompt": prompt, "seed": seed})
+                images.append(image)
+            bar.update(len(batch))
+    return images
 
 
 class TrainingSampler:

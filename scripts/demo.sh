@@ -18,5 +18,8 @@ for lora in none demo_out/run/lora; do
     fluxtune generate --model demo_out/tiny-klein "${args[@]}" --steps 8 --width 256 --height 256 \
         --seed 0 --prompt "$prompt" --out "$out"
 done
+# Package it for ComfyUI (fused original layout) with a model card, and prove the file loads.
+fluxtune export demo_out/run --format comfyui --trigger sks --out demo_out/export
+fluxtune lora check demo_out/export/run.safetensors --model demo_out/tiny-klein
 echo "demo finished: LoRA in demo_out/run/lora/, samples during training in demo_out/run/samples/,"
-echo "sample_base.png (no LoRA) and sample.png (LoRA) in demo_out/"
+echo "sample_base.png (no LoRA) and sample.png (LoRA) in demo_out/, ComfyUI export in demo_out/export/"

@@ -97,7 +97,7 @@ def test_ema_is_saved_beside_the_lora_and_loads(tiny_models, photos, tmp_path):
 
 
 def test_offline_wandb_run_holds_losses_and_sample_images(tiny_models, photos, tmp_path, offline_wandb):
-    from wandb_files import history_rows, one_run_dir, wandb_records
+    from wandb_files import history_rows, one_run_dir, settled_records
 
     out = tmp_path / "run"
     result = train(config(tiny_models("flux2-klein"), photos, out, **{
@@ -106,7 +106,7 @@ def test_offline_wandb_run_holds_losses_and_sample_images(tiny_models, photos, t
 
     assert result.run_id and (out / "wandb_run_id.txt").read_text().strip() == result.run_id
     run_dir = one_run_dir(offline_wandb, result.run_id)
-    rows = history_rows(wandb_records(next(run_dir.glob("run-*.wandb"))))
+    rows = history_rows(settled_records(next(run_dir.glob("run-*.wandb"))))
     losses = {r["_step"]: r["loss"] for r in rows if "loss" in r}
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses == {r["step"]: pytest.approx(r["loss"]) for r in logged if "loss" in r}

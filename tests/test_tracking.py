@@ -11,7 +11,7 @@ from PIL import Image
 
 from fluxtune.errors import UserError
 from fluxtune.tracking import make_tracker, read_run_id, redact
-from wandb_files import history_rows, one_run_dir, run_dirs, wandb_records
+from wandb_files import history_rows, one_run_dir, run_dirs, settled_records
 
 CONFIG = {
     "model": {"name": "flux1-dev", "max_sequence_length": 512, "text_encoder_out_layers": [10, 20]},
@@ -38,7 +38,7 @@ def test_wandb_offline_run_holds_history_images_config_and_artifact(offline_wand
 
     assert read_run_id(out) == tracker.run_id
     run_dir = one_run_dir(offline_wandb, tracker.run_id)
-    records = list(wandb_records(run_dir / f"run-{tracker.run_id}.wandb"))
+    records = settled_records(run_dir / f"run-{tracker.run_id}.wandb")
     by_type = {}
     for r in records:
         by_type.setdefault(r.WhichOneof("record_type"), []).append(r)
@@ -85,7 +85,7 @@ def test_wandb_resume_reuses_the_run_id(offline_wandb, tmp_path):
     folders = run_dirs(offline_wandb, first.run_id)
     assert len(folders) == 2
     # Folder names carry the start second (and "-1" for a clash), so do not rely on their order.
-    runs = [r.run for folder in folders for file in folder.glob("run-*.wandb") for r in wandb_records(file)
+    runs = [r.run for folder in folders for file in folder.glob("run-*.wandb") for r in settled_records(file)
             if r.WhichOneof("record_type") == "run"]
     assert [r.run_id for r in runs] == [first.run_id] * 2
     assert sorted(bool(r.resume) for r in runs) == [False, True] and not any(r.resumed for r in runs)

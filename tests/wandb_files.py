@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def wandb_records(path: Path):
             record = pb.Record()
             record.ParseFromString(pending)
             yield record
+
+
+def settled_records(path: Path, timeout: float = 30.0) -> list:
+    """All records of a finished run's file. wandb's core process may still be flushing when
+    `finish()` returns: wait until the file holds the run's `exit` record and stops growing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        size = path.stat().st_size
+        records = list(wandb_records(path))
+        done = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if (done and path.stat().st_size == size) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def history_rows(records) -> list[dict]:
