@@ -109,9 +109,12 @@ def build_cache(
     resolution: int,
     device: torch.device,
     batch_size: int = 4,
+    sizes: dict[Item, tuple[int, int]] | None = None,
 ) -> tuple[dict[Item, tuple[Path, Path]], CacheStats]:
     """Make sure every item has a latent and a text entry; returns {item: (latent, text)} for the
-    usable items, in input order."""
+    usable items, in input order. `sizes` gives an item's (width, height), e.g. its aspect-ratio
+    bucket; without it, a resolution^2 square."""
+    sizes = sizes or {}
     latent_id, text_id = (json.dumps({**family.identity(p), "v": FORMAT_VERSION}, sort_keys=True)
                           for p in ("latents", "text"))
     (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
@@ -126,36 +129,42 @@ def build_cache(
             log.warning("skipping %s: cannot read (%s)", item.image, e.strerror)
             stats.skipped += 1
             continue
-        latent = cache_dir / "latents" / f"{_digest(latent_id, str(resolution), image_bytes)}.safetensors"
+        shape = f"{sizes[item][0]}x{sizes[item][1]}" if item in sizes else str(resolution)
+        latent = cache_dir / "latents" / f"{_digest(latent_id, shape, image_bytes)}.safetensors"
         text = cache_dir / "text" / f"{_digest(text_id, item.caption)}.safetensors"
         entries[item] = (latent, text)
 
     checked: dict[Path, bool] = {}
     stats.reused = sum(_reusable(latent, checked) and _reusable(text, checked) for latent, text in entries.values())
-    _encode_latents(family, entries, resolution, device, batch_size, stats, checked)
+    _encode_latents(family, entries, resolution, sizes, device, batch_size, stats, checked)
     _encode_texts(family, entries, device, batch_size, stats, checked)
     return {i: entries[i] for i in items if i in entries}, stats
 
 
-def _encode_latents(family, entries, resolution, device, batch_size, stats, checked):
+def _encode_latents(family, entries, resolution, sizes, device, batch_size, stats, checked):
     todo = [item for item, (latent, _) in entries.items() if not _reusable(latent, checked)]
+    by_size: dict[tuple[int, int], list[Item]] = {}
+    for item in todo:  # a batch through the VAE has one size
+        by_size.setdefault(sizes.get(item, (resolution, resolution)), []).append(item)
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo)
-    for start in range(0, len(todo), batch_size):
-        batch, pixels = [], []
-        for item in todo[start : start + batch_size]:
-            try:
-                pixels.append(load_image(item.image, resolution))
-                batch.append(item)
-            except Exception as e:  # PIL raises many types for broken files; any of them means skip it
-                log.warning("skipping %s: not a readable image (%s)", item.image, e)
-                entries.pop(item)
-                stats.skipped += 1
-        if batch:
-            latents = family.encode_images(torch.stack(pixels), device)
-            for item, z in zip(batch, latents):
-                write_atomic({"latents": z}, entries[item][0])
-            stats.latents_encoded += len(batch)
-        bar.update(len(todo[start : start + batch_size]))
+    for size, group in by_size.items():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            batch, pixels = [], []
+            for item in chunk:
+                try:
+                    pixels.append(load_image(item.image, resolution, size))
+                    batch.append(item)
+                except Exception as e:  # PIL raises many types for broken files; any of them means skip it
+                    log.warning("skipping %s: not a readable image (%s)", item.image, e)
+                    entries.pop(item)
+                    stats.skipped += 1
+            if batch:
+                latents = family.encode_images(torch.stack(pixels), device)
+                for item, z in zip(batch, latents):
+                    write_atomic({"latents": z}, entries[item][0])
+                stats.latents_encoded += len(batch)
+            bar.update(len(chunk))
     bar.close()
 
 

@@ -172,10 +172,10 @@ def _add_data_parsers(sub) -> None:
 
     p = dsub.add_parser("caption", help="write a caption file beside each image with a vision-language model")
     p.add_argument("dir", help="folder of images")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, metavar="ID_OR_PATH",
                    help="folder or hub id of a Florence-2, BLIP or chat VLM (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) "
                         "checkpoint; the kind is read from its config.json")
-    p.add_argument("--trigger", help="start every caption with 'WORD, ' (and fill {trigger} in the instruction)")
+    p.add_argument("--trigger", metavar="WORD", help="start every caption with 'WORD, ' (and fill {trigger} in the instruction)")
     p.add_argument("--instruction",
                    help="chat VLMs: what to ask, or a preset: detailed (default), subject or style (these two "
                         "name --trigger and leave it undescribed); {trigger} in the text becomes --trigger")

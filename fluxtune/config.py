@@ -51,6 +51,11 @@ class _Section(BaseModel):
 SEED_LIMIT = 2**32
 
 
+# Weight formats for model.quantize and model.quantize_text_encoders.
+Quantization = Literal["none", "nf4", "int8", "fp8"]
+QUANTIZATIONS = typing.get_args(Quantization)
+
+
 class ModelConfig(_Section):
     path: str = Field(description="local folder or hub id of a diffusers pipeline")
     family: Literal["auto", "flux1", "flux2"] = "auto"
@@ -61,6 +66,11 @@ class ModelConfig(_Section):
     # Flex.1/Flex.2 are FLUX.1-architecture checkpoints trained without their guidance embedder.
     bypass_guidance: bool = False
     max_sequence_length: int | None = Field(None, gt=0, description="text tokens; None = family default")
+    # QLoRA: store the transformer blocks' weights quantized (the LoRA itself stays fp32): nf4 or
+    # int8 with bitsandbytes (CUDA GPU only), fp8 weight-only with torchao. See fluxtune/quantize.py.
+    quantize: Quantization = "none"
+    # The same for the large text encoder (T5, Mistral3, Qwen3) while captions are encoded.
+    quantize_text_encoders: Quantization = "none"
 
     @field_validator("text_encoder_out_layers")
     @classmethod
@@ -69,6 +79,17 @@ class ModelConfig(_Section):
             raise ValueError("must be a non-empty list of non-negative layer indices, e.g. [10, 20, 30]")
         return v
 
+    @field_validator("quantize", "quantize_text_encoders", mode="before")
+    @classmethod
+    def _known_quantization(cls, v):
+        """A did-you-mean for near misses (`NF4`, `int4`, `fp16`, `null`), which pydantic's own
+        Literal message lacks."""
+        if isinstance(v, str) and v in QUANTIZATIONS:
+            return v
+        guess = difflib.get_close_matches(str(v).lower(), QUANTIZATIONS, n=1, cutoff=0.5)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        raise ValueError(f"should be none, nf4 or int8 (bitsandbytes) or fp8 (torchao){hint}")
+
 
 class DataConfig(_Section):
     path: str = Field(description="folder of images with same-name .txt captions")
@@ -76,6 +97,12 @@ class DataConfig(_Section):
     default_caption: str = ""
     caption_extension: str = ".txt"
     repeats: int = Field(1, ge=1)
+    # Aspect-ratio buckets: each image trains near its own shape (area <= resolution^2, sides a
+    # multiple of bucket_step), never enlarged unless `upscale`; false: a centre-cropped square.
+    buckets: bool = True
+    bucket_step: Literal[16, 32, 64] = 16
+    upscale: bool = False
+    max_aspect: float = Field(4.0, ge=1.0, le=8.0, description="most elongated bucket, either way")
     # Where latents and text embeddings are stored; entries are keyed by a hash of their inputs,
     # so one folder can serve many runs and models. None: $FLUXTUNE_CACHE or ~/.cache/fluxtune.
     cache_dir: str | None = None

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file
 
+from fluxtune.buckets import assign_bucket, bucket_sizes, cover_crop
 from fluxtune.errors import DataError
+from fluxtune.image_checks import ERROR, candidate_files, duplicate_findings, header_findings, open_rgb, read_caption
 
 log = logging.getLogger("fluxtune")
 
@@ -40,19 +42,30 @@ def dataset_sha256(items: list[Item]) -> str:
 
 
 def scan_image_folder(folder: str | Path, default_caption: str = "", caption_extension: str = ".txt") -> list[Item]:
+    """The folder's usable images with their captions. The checks of `fluxtune data validate` that
+    read only file headers run here (under a millisecond per image): links that loop or dangle,
+    non-images, decompression bombs, tiny images, extreme aspect ratios and exact duplicates are
+    skipped with one warning line each. Pixels are decoded later, when the cache encodes them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data.path {folder}: not a folder; point it at a folder of images with .txt captions")
+    paths, problems = candidate_files(folder, IMAGE_EXTENSIONS)
+    for path in paths:
+        problems += [f for f in header_findings(path) if f.severity == ERROR]
+    problems += duplicate_findings([p for p in paths if p not in {f.path for f in problems}])
+    for problem in sorted(problems, key=lambda f: f.path):
+        log.warning("skipping %s: %s", problem.path, problem.message)
+    skipped = {f.path for f in problems}
     items = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        caption_file = image.with_suffix(caption_extension)
-        caption = default_caption
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8").strip() or default_caption
-            except UnicodeDecodeError:
-                log.warning("%s: caption is not valid UTF-8; using data.default_caption", caption_file)
-        items.append(Item(image, caption))
+    for image in (p for p in paths if p not in skipped):
+        caption, caption_problems = read_caption(image, caption_extension)
+        for problem in caption_problems:
+            if problem.severity == ERROR:
+                log.warning("%s: %s", problem.path, problem.message)
+        items.append(Item(image, default_caption if caption is None else caption))
+    if not items and problems:
+        raise DataError(f"data.path {folder}: none of the {len(skipped)} images could be read or used (see the "
+                        f"warnings above; `fluxtune data validate {folder}` reports every problem)")
     if not items:
         raise DataError(
             f"data.path {folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -75,18 +88,39 @@ def split_holdout(items: list[Item], fraction: float) -> tuple[list[Item], list[
     return [i for i in items if i not in held], [i for i in items if i in held]
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Decode fully, apply EXIF rotation, resize the short side and centre-crop to a square."""
-    with Image.open(path) as img:
-        img.load()  # decode now so a truncated file fails here, not halfway through training
-        img = ImageOps.exif_transpose(img).convert("RGB")
-    scale = resolution / min(img.size)
-    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
-    img = img.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+def load_image(path: Path, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode fully (a truncated file fails here, and the cache skips it with a warning), apply EXIF
+    rotation, convert to RGB as `fluxtune data validate --fix` does (16-bit scaled, alpha composited
+    on white), then resize to cover `size` (width, height; default a resolution^2 square) and
+    centre-crop to it. Returns (3, h, w) in [-1, 1]."""
+    img = open_rgb(path)
+    (w, h), box = cover_crop(img.width, img.height, size or (resolution, resolution))
+    img = img.resize((w, h), Image.Resampling.LANCZOS).crop(box)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as training sees it (EXIF rotation applied), from the header only; None
+    when the header cannot be read (the cache then reports the file)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # PIL raises many types for broken files; the cache's full decode reports them
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def bucket_targets(items: list[Item], resolution: int, step: int, upscale: bool,
+                   max_aspect: float) -> dict[Item, tuple[int, int]]:
+    """Each image's training size: its aspect-ratio bucket (see fluxtune.buckets)."""
+    sizes = bucket_sizes(resolution, step, max_aspect)
+    targets = {}
+    for item in items:
+        wh = image_size(item.image)
+        targets[item] = assign_bucket(*wh, sizes, step, upscale) if wh else (resolution, resolution)
+    return targets
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -99,7 +133,8 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, i):
-        latent_file, text_file = self.entries[i]
+        # i may count repeats past the end (fluxtune.buckets.BucketBatchSampler): sample i % len
+        latent_file, text_file = self.entries[i % len(self.entries)]
         return {"latents": load_file(latent_file)["latents"], "text": load_file(text_file), "index": i}
 
 

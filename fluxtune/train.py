@@ -34,7 +34,17 @@ from fluxtune.checkpoint import (
     save_state,
 )
 from fluxtune.config import Config
-from fluxtune.data import CachedDataset, DataError, EpochSampler, collate, dataset_sha256, scan_image_folder, split_holdout
+from fluxtune.buckets import BucketBatchSampler
+from fluxtune.data import (
+    CachedDataset,
+    DataError,
+    EpochSampler,
+    bucket_targets,
+    collate,
+    dataset_sha256,
+    scan_image_folder,
+    split_holdout,
+)
 from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
@@ -51,6 +61,7 @@ from fluxtune.lora import (
 )
 from fluxtune.objective import batch_loss
 from fluxtune.optim import make_optimizer, require_optimizer
+from fluxtune.quantize import enable_input_grads, require_quantization
 from fluxtune.sampling import TrainingSampler, image_grid
 from fluxtune.tracking import make_tracker
 
@@ -119,6 +130,10 @@ def train(cfg: Config) -> RunResult:
     from accelerate.utils import set_seed
 
     require_optimizer(cfg.optim.name)  # a missing optional package fails before anything is loaded
+    require_quantization(cfg.model.quantize, cfg.model.quantize_text_encoders)  # and so does a missing GPU
+    from fluxtune.plan import warn_if_too_big
+
+    warn_if_too_big(cfg)  # on a GPU: say up front when the predicted peak memory exceeds it
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     # accelerate keeps its settings in a process-wide singleton; a second train() in the same
@@ -145,8 +160,9 @@ def train(cfg: Config) -> RunResult:
     family = load_family(
         m.path, m.family, m.revision, text_encoder_out_layers=m.text_encoder_out_layers,
         bypass_guidance=m.bypass_guidance, max_sequence_length=m.max_sequence_length, dtype=weight_dtype,
+        quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders,
     )
-    train_entries, eval_entries, cache_stats, sampler, dataset = _prepare_data(cfg, family, accelerator)
+    data = _prepare_data(cfg, family, accelerator)
 
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
     # the LoRA's initial weights must not depend on the cache.
@@ -154,15 +170,17 @@ def train(cfg: Config) -> RunResult:
     transformer, params = _lora_model(cfg, family, weight_dtype, accelerator.device)
     optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                **cfg.optim.own_settings())
-    loader, order = _loader(cfg, train_entries)
+    loader, order = _loader(cfg, data, accelerator.num_processes)
+    if isinstance(order, BucketBatchSampler) and accelerator.is_main_process:
+        _report_buckets(order.summary(), out)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
         tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
         order=order, resume_from=resume_from,
-        ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
-        eval_set=CachedDataset(eval_entries) if eval_entries else None, dataset=dataset,
+        ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=data.sampler,
+        eval_set=CachedDataset(data.eval_entries) if data.eval_entries else None, dataset=data.identity,
     )
 
     final_loss, eval_loss = _loop(run)
@@ -174,7 +192,7 @@ def train(cfg: Config) -> RunResult:
     accelerator.wait_for_everyone()
     run.tracker.finish()
     accelerator.end_training()
-    result = RunResult(lora_path, cfg.train.max_steps, final_loss, cache_stats, time.perf_counter() - started,
+    result = RunResult(lora_path, cfg.train.max_steps, final_loss, data.stats, time.perf_counter() - started,
                        run.model, out, run.tracker.run_id, eval_loss)
     if run.main:
         # what was resolved from the checkpoint (e.g. FLUX.2 text layers): inference must use the same
@@ -224,21 +242,47 @@ def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, device):
              adapted["double"], adapted["single"], sum(p.numel() for p in params) / 1e6)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+        if cfg.model.quantize != "none":
+            enable_input_grads(transformer)
     transformer.train()
     return transformer, params
 
 
-def _loader(cfg: Config, entries):
-    dataset = CachedDataset(entries, repeats=cfg.data.repeats)
+def _loader(cfg: Config, data: "_Data", processes: int):
+    dataset = CachedDataset(data.train_entries, repeats=cfg.data.repeats)
+    # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
+    # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
+    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
+                  generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
+    if data.sizes:
+        order = BucketBatchSampler(data.sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=order, **common), order
     order = EpochSampler(len(dataset), cfg.train.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
-        num_workers=cfg.data.num_workers, drop_last=len(dataset) >= cfg.train.batch_size,
-        # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
-        # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order,
+                                         drop_last=len(dataset) >= cfg.train.batch_size, **common)
     return loader, order
+
+
+def _report_buckets(summary: dict, out: Path) -> None:
+    """The buckets in use, in the log and in output_dir/buckets.json."""
+    (out / "buckets.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    parts = [f"{size}: {b['images']} images" + (f" (+{b['repeated']} repeated)" if b["repeated"] else "")
+             for size, b in summary["buckets"].items()]
+    even = summary["batches_repeated_for_even_ranks"]
+    log.info("buckets: %s; %d batches per epoch%s", ", ".join(parts), summary["batches_per_epoch"],
+             f" ({even} repeated so every process gets as many)" if even else "")
+
+
+@dataclass
+class _Data:
+    """The cached dataset a run trains on."""
+
+    train_entries: list  # (latent file, text file) per training image
+    eval_entries: list
+    sizes: list  # (width, height) per training image with buckets; empty without
+    stats: CacheStats
+    sampler: TrainingSampler | None
+    identity: dict  # size and content hash, for the LoRA's header
 
 
 def _mixed_precision(setting: str) -> str:
@@ -256,24 +300,26 @@ def _prepare_data(cfg: Config, family, accelerator):
     else:
         items, held_out = split_holdout(items, cfg.eval.fraction)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    d = cfg.data
+    sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
     with accelerator.main_process_first():
-        entries, stats = build_cache(family, items + held_out, cache_dir, cfg.data.resolution, accelerator.device)
+        entries, stats = build_cache(family, items + held_out, cache_dir, d.resolution, accelerator.device, sizes=sizes)
     sampler = None
     if cfg.sample.every and accelerator.is_main_process:
         prompts = cfg.sample.resolved_prompts()
         *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
-        sampler = TrainingSampler(family, prompts, embeds, negative, default_size=cfg.data.resolution,
+        sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,
                                   default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
     family.free_encoders()
-    train_entries = [entries[i] for i in items if i in entries]
     used = [i for i in items if i in entries]
     eval_entries = [entries[i] for i in held_out if i in entries]
-    if not train_entries:
-        raise DataError(f"data.path {cfg.data.path}: none of the {len(items)} images could be read (see warnings above)")
+    if not used:
+        raise DataError(f"data.path {d.path}: none of the {len(items)} images could be read (see warnings above)")
     log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
-             "encoded, %d reused", len(train_entries), len(eval_entries), stats.skipped, cache_dir,
+             "encoded, %d reused", len(used), len(eval_entries), stats.skipped, cache_dir,
              stats.latents_encoded, stats.texts_encoded, stats.reused)
-    return train_entries, eval_entries, stats, sampler, {"images": len(used), "sha256": dataset_sha256(used)}
+    return _Data([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats, sampler,
+                 {"images": len(used), "sha256": dataset_sha256(used)})
 
 
 def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):

@@ -21,14 +21,29 @@ from fluxtune.train import train
 WORKER = Path(__file__).parent / "workers" / "train_rank.py"
 
 
-def settings(model, photos, out, cache, batch_size):
+def settings(model, photos, out, cache, batch_size, **extra):
     # 3 photos x 4 repeats = 12 samples: 3 global batches of 4 per epoch, on 1 or 2 processes alike;
-    # 4 steps cross into a second epoch.
+    # 4 steps cross into a second epoch. Square crops: buckets group batches by size, so one
+    # process with batch 4 and two with batch 2 would not see the same global batches.
     items = {"output_dir": out, "model.path": model, "data.path": photos, "data.resolution": 64,
              "data.repeats": 4, "data.cache_dir": cache, "train.max_steps": 4, "train.batch_size": batch_size,
              "train.seed": 3, "train.save_every": 2, "lora.rank": 4, "lora.alpha": 8, "optim.lr": 0.01,
-             "log.backend": "none"}
+             "log.backend": "none", "data.buckets": "false", **extra}
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def launch_two(args, env_extra=None):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER)]
+    proc = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def same_on_both_ranks(out):
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    return rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, photos, tmp_path):
@@ -36,16 +51,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, ph
     cache = tmp_path / "cache"
     single = train(load_config(None, settings(model, photos, tmp_path / "single", cache, batch_size=4)))
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER)]
     out = tmp_path / "ddp"
-    proc = subprocess.run(launch + settings(model, photos, out, cache, batch_size=2), env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    launch_two(settings(model, photos, out, cache, batch_size=2))
+    assert same_on_both_ranks(out)
     saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     one = load_file(single.lora_path)
     assert saved.keys() == one.keys()
@@ -58,6 +66,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, ph
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "state").iterdir() if p.name.startswith("step-")) == ["step-000002", "step-000004"]
+
+
+def test_two_processes_with_uneven_buckets_finish_every_epoch_together(tiny_models, photos, tmp_path):
+    """3 photos in 2 buckets, batch 1 per process: 3 batches an epoch, one repeated so both ranks
+    get 2; 5 steps cross two epoch ends, where a rank short of batches would hang the other."""
+    out = tmp_path / "ddp"
+    launch_two(settings(tiny_models("flux2-klein"), photos, out, tmp_path / "cache", batch_size=1,
+                        **{"data.buckets": "true", "data.repeats": 1, "train.max_steps": 5}))
+    assert same_on_both_ranks(out)
+    buckets = json.loads((out / "buckets.json").read_text())
+    assert buckets["processes"] == 2 and set(buckets["buckets"]) == {"64x64", "80x48"}
+    assert buckets["batches_per_epoch"] == 4 and buckets["batches_repeated_for_even_ranks"] == 1
 
 
 ROOT = Path(__file__).parent.parent

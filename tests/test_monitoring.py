@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fluxtune.cache import build_cache, default_cache_dir
 from fluxtune.config import load_config
-from fluxtune.data import CachedDataset, scan_image_folder, split_holdout
+from fluxtune.data import CachedDataset, bucket_targets, scan_image_folder, split_holdout
 from fluxtune.evaluation import evaluation_loss
 from fluxtune.families import load_family
 from fluxtune.train import train
@@ -66,7 +66,8 @@ def test_evaluation_loss_is_deterministic_and_logged(tiny_models, photos, tmp_pa
     # the held-out image's cache entries, as the run made them (same cache folder: reused, not re-encoded)
     family = load_family(str(model))
     _, held_out = split_holdout(scan_image_folder(photos), 0.3)
-    entries, stats = build_cache(family, held_out, default_cache_dir(), 64, torch.device("cpu"))
+    sizes = bucket_targets(held_out, 64, step=16, upscale=False, max_aspect=4.0)  # the run's buckets
+    entries, stats = build_cache(family, held_out, default_cache_dir(), 64, torch.device("cpu"), sizes=sizes)
     assert len(held_out) == 1 and stats.reused == 1
     dataset = CachedDataset(list(entries.values()))
     kwargs = dict(sigmas=[0.25, 0.75], seed=cfg.eval.seed, guidance=1.0, device="cpu")

@@ -94,21 +94,26 @@ def load_family(
     bypass_guidance: bool = False,
     max_sequence_length: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
+    quantize_text_encoders: str = "none",
 ) -> Family:
     """Choose and build the family for a checkpoint; checks its configs, loads no weights."""
     name = detect_family(path, revision) if family == "auto" else family
+    quantization = {"quantize": quantize, "quantize_text_encoders": quantize_text_encoders}
     if name == "flux1":
         from fluxtune.families.flux1 import Flux1
 
         if text_encoder_out_layers is not None:
             raise ModelError("model.text_encoder_out_layers applies to FLUX.2 only; remove it for FLUX.1")
-        return Flux1(path, revision, bypass_guidance=bypass_guidance, max_sequence_length=max_sequence_length, dtype=dtype)
+        return Flux1(path, revision, bypass_guidance=bypass_guidance, max_sequence_length=max_sequence_length, dtype=dtype,
+                     **quantization)
     if name == "flux2":
         from fluxtune.families.flux2 import Flux2
 
         if bypass_guidance:
             raise ModelError("model.bypass_guidance applies to FLUX.1/Flex checkpoints only")
         return Flux2(
-            path, revision, text_encoder_out_layers=text_encoder_out_layers, max_sequence_length=max_sequence_length, dtype=dtype
+            path, revision, text_encoder_out_layers=text_encoder_out_layers, max_sequence_length=max_sequence_length, dtype=dtype,
+            **quantization,
         )
     raise ModelError(f"unknown model.family {name!r}; use auto, flux1 or flux2")

@@ -11,6 +11,7 @@ import torch
 
 
 from fluxtune.errors import ModelError  # noqa: F401  (re-exported for the families)
+from fluxtune.quantize import text_encoder_load_kwargs, transformer_load_kwargs
 
 
 def _fetch_json(path: str, filename: str, revision: str | None) -> dict:
@@ -79,18 +80,31 @@ class CheckpointParts:
 
     Text encoders are loaded as a pipeline with transformer and VAE set to None, so prompts are
     encoded by the pipeline's own `encode_prompt`: exactly what inference will see.
+
+    Quantization (`fluxtune.quantize`): `quantize` for the transformer, all but the top-level
+    modules in `keep_unquantized`; `quantize_text_encoders` for the pipeline components named in
+    `quantizable_text_encoders`.
     """
 
-    def __init__(self, pipeline_cls, transformer_cls, path: str, revision: str | None, dtype: torch.dtype):
+    def __init__(self, pipeline_cls, transformer_cls, path: str, revision: str | None, dtype: torch.dtype, *,
+                 quantize: str = "none", keep_unquantized: tuple[str, ...] = (),
+                 quantize_text_encoders: str = "none", quantizable_text_encoders: tuple[str, ...] = ()):
         self.pipeline_cls, self.transformer_cls = pipeline_cls, transformer_cls
         self.path, self.revision, self.dtype = path, revision, dtype
+        self.quantize, self.keep_unquantized = quantize, keep_unquantized
+        self.quantize_text_encoders, self.quantizable_text_encoders = quantize_text_encoders, quantizable_text_encoders
         self._text_pipe = None
         self._vae = None
 
+    def text_identity(self) -> dict:
+        """Cache-key fields for quantized text encoders, whose embeddings differ from full precision."""
+        return {} if self.quantize_text_encoders == "none" else {"quantize": self.quantize_text_encoders}
+
     def text_pipe(self, device: torch.device):
         if self._text_pipe is None:
+            quantized = text_encoder_load_kwargs(self.quantize_text_encoders, self.dtype, self.quantizable_text_encoders)
             self._text_pipe = self.pipeline_cls.from_pretrained(
-                self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype, **SAFE
+                self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype, **SAFE, **quantized
             ).to(device)
         return self._text_pipe
 
@@ -109,9 +123,10 @@ class CheckpointParts:
             torch.cuda.empty_cache()
 
     def transformer(self, dtype: torch.dtype) -> torch.nn.Module:
+        quantized = transformer_load_kwargs(self.quantize, dtype, self.keep_unquantized)
         try:
             model = self.transformer_cls.from_pretrained(
-                self.path, subfolder="transformer", revision=self.revision, dtype=dtype, **SAFE
+                self.path, subfolder="transformer", revision=self.revision, dtype=dtype, **SAFE, **quantized
             )
         except OSError as e:  # diffusers' "no file named ..." when only pickled weights exist
             raise ModelError(

@@ -20,6 +20,14 @@ _MLP_SINGLE = ["proj_mlp"]
 _MODULATION_DOUBLE = ["norm1.linear", "norm1_context.linear"]
 _MODULATION_SINGLE = ["norm.linear"]
 
+# Top-level modules a quantized transformer keeps in full precision (fluxtune.quantize): the
+# embedders and the output modulation. Not the final `proj_out` (3072 -> 64, 0.2M weights): diffusers
+# matches skip names at any depth, and the single blocks' `proj_out` (1.8B weights in all) would
+# stay unquantized with it.
+KEEP_UNQUANTIZED = ("x_embedder", "context_embedder", "time_text_embed", "norm_out")
+# Only T5 is worth quantizing (4.7B); see fluxtune.quantize for why CLIP is not.
+QUANTIZABLE_TEXT_ENCODERS = ("text_encoder_2",)
+
 PRESETS = {
     "attention": block_regex(_ATTN_DOUBLE, _ATTN_SINGLE),
     "attention+mlp": block_regex(_ATTN_DOUBLE + _MLP_DOUBLE, _ATTN_SINGLE + _MLP_SINGLE),
@@ -44,7 +52,8 @@ class Flux1:
     name = "flux1"
     pipeline_cls = FluxPipeline
 
-    def __init__(self, path, revision=None, *, bypass_guidance=False, max_sequence_length=None, dtype=torch.float32):
+    def __init__(self, path, revision=None, *, bypass_guidance=False, max_sequence_length=None, dtype=torch.float32,
+                 quantize="none", quantize_text_encoders="none"):
         self.path, self.revision = path, revision
         tcfg = read_component_config(path, "transformer", revision)
         self.bypass_guidance = bypass_guidance
@@ -52,14 +61,19 @@ class Flux1:
         self.default_guidance = 1.0
         # FLUX.1-dev was trained on 512 T5 tokens, schnell (no guidance embedder) on 256.
         self.max_sequence_length = max_sequence_length or (512 if tcfg.get("guidance_embeds") else 256)
-        self.parts = CheckpointParts(FluxPipeline, FluxTransformer2DModel, path, revision, dtype)
+        self.parts = CheckpointParts(
+            FluxPipeline, FluxTransformer2DModel, path, revision, dtype,
+            quantize=quantize, keep_unquantized=KEEP_UNQUANTIZED,
+            quantize_text_encoders=quantize_text_encoders, quantizable_text_encoders=QUANTIZABLE_TEXT_ENCODERS,
+        )
 
     def identity(self, part: str) -> dict:
         base = {"family": self.name, "path": self.path, "revision": self.revision}
         if part == "latents":
             return base | {"weights": weights_fingerprint(self.path, ("vae",))}
         return base | {"max_sequence_length": self.max_sequence_length,
-                       "weights": weights_fingerprint(self.path, ("text_encoder", "text_encoder_2"))}
+                       "weights": weights_fingerprint(self.path, ("text_encoder", "text_encoder_2")),
+                       **self.parts.text_identity()}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)

@@ -32,6 +32,12 @@ _ATTN_DOUBLE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 _ATTN_SINGLE = ["attn.to_qkv_mlp_proj", "attn.to_out"]
 _MLP_DOUBLE = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
 
+# Top-level modules a quantized transformer keeps in full precision (fluxtune.quantize): the
+# embedders, the modulation shared by all blocks and the output layers.
+KEEP_UNQUANTIZED = ("x_embedder", "context_embedder", "time_guidance_embed", "double_stream_modulation_img",
+                    "double_stream_modulation_txt", "single_stream_modulation", "norm_out", "proj_out")
+QUANTIZABLE_TEXT_ENCODERS = ("text_encoder",)  # Mistral3 (dev) or Qwen3 (klein)
+
 PRESETS = {
     "attention": block_regex(_ATTN_DOUBLE, _ATTN_SINGLE),
     "attention+mlp": block_regex(_ATTN_DOUBLE + _MLP_DOUBLE, _ATTN_SINGLE),
@@ -76,7 +82,8 @@ def _text_config(cfg: dict) -> dict:
 class Flux2:
     name = "flux2"
 
-    def __init__(self, path, revision=None, *, text_encoder_out_layers=None, max_sequence_length=None, dtype=torch.float32):
+    def __init__(self, path, revision=None, *, text_encoder_out_layers=None, max_sequence_length=None, dtype=torch.float32,
+                 quantize="none", quantize_text_encoders="none"):
         self.path, self.revision = path, revision
         pipeline_name = read_model_index(path, revision)["_class_name"]
         tcfg = read_component_config(path, "transformer", revision)
@@ -89,7 +96,11 @@ class Flux2:
         self.max_sequence_length = max_sequence_length or 512
         text_cfg = _text_config(read_component_config(path, "text_encoder", revision))
         self.out_layers = resolve_out_layers(pipeline_name, text_cfg, tcfg["joint_attention_dim"], text_encoder_out_layers)
-        self.parts = CheckpointParts(self.pipeline_cls, Flux2Transformer2DModel, path, revision, dtype)
+        self.parts = CheckpointParts(
+            self.pipeline_cls, Flux2Transformer2DModel, path, revision, dtype,
+            quantize=quantize, keep_unquantized=KEEP_UNQUANTIZED,
+            quantize_text_encoders=quantize_text_encoders, quantizable_text_encoders=QUANTIZABLE_TEXT_ENCODERS,
+        )
 
     def identity(self, part: str) -> dict:
         base = {"family": self.name, "pipeline": self.pipeline_cls.__name__, "path": self.path,
@@ -97,7 +108,7 @@ class Flux2:
         if part == "latents":
             return base | {"weights": weights_fingerprint(self.path, ("vae",))}
         return base | {"out_layers": list(self.out_layers), "max_sequence_length": self.max_sequence_length,
-                       "weights": weights_fingerprint(self.path, ("text_encoder",))}
+                       "weights": weights_fingerprint(self.path, ("text_encoder",)), **self.parts.text_identity()}
 
     def encode_prompts(self, captions, device):
         pipe = self.parts.text_pipe(device)

@@ -1,0 +1,135 @@
+"""A quantized base under the LoRA (QLoRA): the frozen weights are stored in 4 or 8 bits, the LoRA
+on top stays fp32 (`fluxtune.lora.add_lora`).
+
+    model:
+      quantize: nf4                 # transformer blocks: none | nf4 | int8 | fp8
+      quantize_text_encoders: nf4   # the large text encoder, while captions are encoded
+
+| setting | library | weights | runs on |
+|---|---|---|---|
+| `nf4`  | bitsandbytes 4-bit NormalFloat with double quantization (QLoRA) | ~0.52 byte | transformer: CUDA GPU only; text encoder: also CPU |
+| `int8` | bitsandbytes LLM.int8 | 1 byte | as nf4 |
+| `fp8`  | torchao float8 (e4m3) weight-only, per-row scales; matmuls in the run's dtype | 1 byte | GPU and CPU |
+
+diffusers refuses to quantize a transformer with bitsandbytes without a GPU ("No GPU found"), so
+`require_quantization` stops such a run before any weights load. transformers quantizes text
+encoders with bitsandbytes on a CPU too, and torchao's fp8 runs anywhere.
+
+What is quantized: every Linear inside the transformer blocks, 95% (klein 4B) to 99.5% (FLUX.1)
+of the weights. The embedders, the modulation layers outside the blocks and the output layers keep
+the run's dtype (each family lists them): they are a few percent of the weights, and every block
+reads what they produce, so their error would reach every block instead of averaging out. Trainers
+that quantize their base (ai-toolkit block by block, SimpleTuner by exclusion patterns) also leave
+the input/output projections and timestep embedders out. Of the text encoders only the large one is
+quantized (T5, Mistral3, Qwen3); FLUX.1's CLIP is 0.1B parameters and its pooled vector modulates
+every block.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fluxtune.errors import UserError
+
+_BITSANDBYTES = ("nf4", "int8")
+# setting -> (package it needs, pip extra that installs it)
+_PACKAGES = {"nf4": ("bitsandbytes", "bnb"), "int8": ("bitsandbytes", "bnb"), "fp8": ("torchao", "fp8")}
+
+
+def require_quantization(transformer: str, text_encoders: str) -> None:
+    """Fail before any weights load: a package the settings need is missing, or bitsandbytes is
+    asked to quantize the transformer on a machine without a CUDA GPU."""
+    for key, setting in (("model.quantize", transformer), ("model.quantize_text_encoders", text_encoders)):
+        if setting in _PACKAGES:
+            package, extra = _PACKAGES[setting]
+            try:
+                importlib.import_module(package)
+            except ImportError as e:
+                raise UserError(f"{key} {setting} needs the {package} package, which cannot be imported ({e}); "
+                                f"install it with: pip install 'fluxtune[{extra}]'") from None
+    if transformer in _BITSANDBYTES and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "torch finds no CUDA device"
+        raise UserError(
+            f"model.quantize {transformer} needs a CUDA GPU: diffusers quantizes a transformer with bitsandbytes "
+            f"only onto a GPU, and this machine has none ({build}). Run on a CUDA GPU, or use "
+            "model.quantize: fp8 (torchao, runs on a CPU too) or none"
+        )
+
+
+def transformer_load_kwargs(setting: str, dtype: torch.dtype, keep: tuple[str, ...]) -> dict:
+    """Extra `from_pretrained` arguments that quantize a diffusers transformer as it loads.
+
+    `keep`: top-level modules left in `dtype`, with everything under them. diffusers matches these
+    names anywhere in the model, so a name that also occurs inside the blocks would keep those
+    layers unquantized too (FLUX.1's `proj_out`, see its family). `dtype` is the
+    bitsandbytes compute dtype, so a bf16 run computes in bf16 and an fp16 GPU (T4, V100) in fp16.
+    Quantized weights are placed on the current CUDA device as they load (bitsandbytes' own
+    default): quantizing on the GPU is faster, and the full-precision model never sits in CPU memory.
+    """
+    if setting == "none":
+        return {}
+    import diffusers
+
+    keep = list(keep)
+    if setting == "nf4":
+        config = diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=keep,
+        )
+    elif setting == "int8":
+        config = diffusers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    else:
+        config = diffusers.TorchAoConfig(_float8_weight_only(), modules_to_not_convert=keep)
+    on_gpu = {"device_map": {"": torch.device("cuda", torch.cuda.current_device())}} if torch.cuda.is_available() else {}
+    return {"quantization_config": config, **on_gpu}
+
+
+def text_encoder_load_kwargs(setting: str, dtype: torch.dtype, components: tuple[str, ...]) -> dict:
+    """Extra pipeline `from_pretrained` arguments that quantize the text encoders named in
+    `components` (model_index.json names) with transformers' own quantization configs."""
+    if setting == "none" or not components:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    return {"quantization_config": PipelineQuantizationConfig(
+        quant_mapping={name: _transformers_config(setting, dtype) for name in components})}
+
+
+def _transformers_config(setting: str, dtype: torch.dtype):
+    import transformers
+
+    if setting == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    if setting == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.TorchAoConfig(_float8_weight_only())
+
+
+def _float8_weight_only():
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    # set_inductor_config would change torch.compile's global settings as a side effect of loading.
+    return Float8WeightOnlyConfig(set_inductor_config=False)
+
+
+def enable_input_grads(transformer: torch.nn.Module) -> None:
+    """The image tokens entering the first block require grad, as peft's
+    `prepare_model_for_kbit_training` arranges for a k-bit base under gradient checkpointing.
+
+    With a frozen base nothing entering the blocks requires grad; a reentrant checkpoint function
+    (torch's `checkpoint(use_reentrant=True)` given to `enable_gradient_checkpointing`) then records
+    no graph through the blocks and the LoRA gets no gradient. diffusers' default checkpointing is non-reentrant and
+    does not need this; it costs one extra input gradient. peft's own function cannot be used: it
+    looks for a language model's input embeddings, and it upcasts every unquantized weight to fp32,
+    which would double the memory of FLUX.2's 0.6B-parameter modulation layers for no gain under
+    bf16 autocast (norms already compute in fp32 there).
+    """
+    transformer.x_embedder.register_forward_hook(_require_grad)
+
+
+def _require_grad(module, inputs, output):
+    if torch.is_grad_enabled():  # sampling and evaluation run without autograd
+        output.requires_grad_(True)
