@@ -83,3 +83,36 @@ def test_histogram_lists_buckets_by_count():
     text = histogram([(512, 512)] * 3 + [(624, 416)])
     first, second = text.splitlines()
     assert first.split()[0] == "512x512" and "3" in first.split() and second.split()[0] == "624x416"
+
+
+def test_photos_of_different_shapes_train_in_their_own_buckets(tiny_models, tmp_path):
+    """Six real photos (square, 3:2, 4:3, 1.15:1 ...) at 128 px: each latent has its bucket's shape,
+    no bucket is larger than its image, and the run says which buckets it used."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from data_tools.demo_photos import write_demo_photos
+    from fluxtune.config import load_config
+    from fluxtune.data import bucket_targets, image_size, scan_image_folder
+    from fluxtune.train import train
+
+    photos = tmp_path / "photos"
+    write_demo_photos(photos, trigger="sks")
+    out = tmp_path / "run"
+    train(load_config(None, [f"output_dir={out}", f"model.path={tiny_models('flux2-klein')}", f"data.path={photos}",
+                             "data.resolution=128", "train.max_steps=2", "train.batch_size=2",
+                             f"data.cache_dir={tmp_path / 'cache'}"]))
+    used = json.loads((out / "buckets.json").read_text())["buckets"]
+    items = scan_image_folder(photos)
+    targets = bucket_targets(items, 128, step=16, upscale=False, max_aspect=4.0)
+    assert set(used) == {f"{w}x{h}" for w, h in targets.values()} and len(used) >= 3
+    assert sum(b["images"] for b in used.values()) == len(items) == 6
+    for item, (w, h) in targets.items():
+        iw, ih = image_size(item.image)
+        assert w <= iw and h <= ih and w * h <= 128 * 128
+        assert abs(w / h - iw / ih) < 0.25  # near its own shape, not a square crop
+    latents = [load_file(f)["latents"] for f in (tmp_path / "cache" / "latents").glob("*.safetensors")]
+    shapes = {tuple(z.shape[-2:]) for z in latents}
+    # FLUX.2 latents: VAE /8, then 2x2 patches folded into channels: /16
+    assert {(h // 16, w // 16) for w, h in targets.values()} == shapes
