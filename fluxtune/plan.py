@@ -285,7 +285,8 @@ def _fp32_params(model: torch.nn.Module) -> int:
 
 
 def image_tokens(resolution: int) -> int:
-    """FLUX.1 packs 2x2 latent patches of the 8x VAE, FLUX.2 patchifies 2x2: 16 px per token side."""
+    """FLUX.1 packs 2x2 latent patches of the 8x VAE, FLUX.2 patchifies 2x2: 16 px per token side.
+    Aspect-ratio buckets keep each image's area within resolution^2, so no bucket has more."""
     return (resolution // 16) ** 2
 
 

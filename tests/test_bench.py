@@ -65,3 +65,14 @@ def test_bench_tiny_and_scaled_arch(bench, tmp_path):
                 "--resolution", "64", "--steps", "1", "--warmup", "0", "--text-len", "64")
     assert "SCALED" in arch["model"] and (arch["image_tokens"], arch["text_tokens"]) == (16, 64)
     assert 4e8 < arch["params_total"] < 7e8  # 3072-wide blocks: ~0.34B double, ~0.14B single, plus embedders
+
+
+def test_data_benchmark_reports_every_stage(capsys):
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parent.parent / "scripts" / "bench_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--images", "6", "--resolution", "64"])
+    out = capsys.readouterr().out
+    for stage in ["validate (full decode)", "scan (header checks)", "bucket", "cache, cold", "cache, warm"]:
+        line = next(line for line in out.splitlines() if line.startswith(stage))
+        assert "6 images" in line and float(line.split()[-2]) > 0, line
