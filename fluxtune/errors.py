@@ -25,3 +25,14 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after writing a checkpoi
 
 class Preempted(Exception):
     """The run stopped on SIGTERM/SIGINT after writing a resumable checkpoint."""
+
+
+def require_package(what: str, package: str, extra: str) -> None:
+    """Import an optional package `what` needs, or say which fluxtune extra installs it."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError as e:
+        raise UserError(f"{what} needs the {package} package, which cannot be imported ({e}); "
+                        f"install it with: pip install 'fluxtune[{extra}]'") from None

@@ -11,7 +11,6 @@ the training summary and a content hash; `fluxtune lora info` prints them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from fluxtune.errors import LoraError
-from fluxtune.lora import WEIGHTS_NAME
+from fluxtune.lora import WEIGHTS_NAME, replace_dir
 from fluxtune.lora_formats import read_lora, write_lora
 
 SPEC_VERSION = "1.0.0"
@@ -131,12 +130,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "diffusers", *, title
                       base_model=base, metadata=meta, prompts=details["prompts"],
                       samples=[f"samples/{p.name}" for p in details["samples"]], license=license)
     (tmp / "README.md").write_text(card, encoding="utf-8")
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return out
 
 

@@ -133,10 +133,16 @@ def save_lora(pipeline_cls, transformer: torch.nn.Module, out_dir: str | Path) -
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     metadata = transformer.peft_config["default"].to_dict()
     pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
     return out_dir / WEIGHTS_NAME
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the finished folder `new` where `target` is: the old one is renamed aside first and
+    deleted last, so a crash leaves either the old folder or the new one, never a mix."""
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -9,11 +9,9 @@ its class. Optional packages are imported lazily, with the pip extra that instal
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from fluxtune.errors import UserError
+from fluxtune.errors import require_package
 
 # name -> (package it needs, pip extra that installs it)
 _PACKAGES = {
@@ -29,12 +27,7 @@ def require_optimizer(name: str) -> None:
     any model loads so a missing package costs seconds, not a model load."""
     if name not in _PACKAGES:
         return
-    package, extra = _PACKAGES[name]
-    try:
-        importlib.import_module(package)
-    except ImportError as e:
-        raise UserError(f"optim.name {name} needs the {package} package, which cannot be imported ({e}); "
-                        f"install it with: pip install 'fluxtune[{extra}]'") from None
+    require_package(f"optim.name {name}", *_PACKAGES[name])
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,

@@ -27,11 +27,9 @@ every block.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from fluxtune.errors import UserError
+from fluxtune.errors import UserError, require_package
 
 _BITSANDBYTES = ("nf4", "int8")
 # setting -> (package it needs, pip extra that installs it)
@@ -43,12 +41,7 @@ def require_quantization(transformer: str, text_encoders: str) -> None:
     asked to quantize the transformer on a machine without a CUDA GPU."""
     for key, setting in (("model.quantize", transformer), ("model.quantize_text_encoders", text_encoders)):
         if setting in _PACKAGES:
-            package, extra = _PACKAGES[setting]
-            try:
-                importlib.import_module(package)
-            except ImportError as e:
-                raise UserError(f"{key} {setting} needs the {package} package, which cannot be imported ({e}); "
-                                f"install it with: pip install 'fluxtune[{extra}]'") from None
+            require_package(f"{key} {setting}", *_PACKAGES[setting])
     if transformer in _BITSANDBYTES and not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "torch finds no CUDA device"
         raise UserError(
