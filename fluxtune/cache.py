@@ -110,13 +110,15 @@ def build_cache(
     device: torch.device,
     batch_size: int = 4,
     sizes: dict[Item, tuple[int, int]] | None = None,
-) -> tuple[dict[Item, tuple[Path, Path]], CacheStats]:
+    captions: bool = True,
+) -> tuple[dict[Item, tuple[Path, Path | None]], CacheStats]:
     """Make sure every item has a latent and a text entry; returns {item: (latent, text)} for the
     usable items, in input order. `sizes` gives an item's (width, height), e.g. its aspect-ratio
-    bucket; without it, a resolution^2 square."""
+    bucket; without it, a resolution^2 square. `captions=False` caches latents only (text None):
+    for a caller that trains with other texts than the captions as written and caches those
+    with `cache_texts`."""
     sizes = sizes or {}
-    latent_id, text_id = (json.dumps({**family.identity(p), "v": FORMAT_VERSION}, sort_keys=True)
-                          for p in ("latents", "text"))
+    latent_id, text_id = _identity(family, "latents"), _identity(family, "text")
     (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
     (cache_dir / "text").mkdir(parents=True, exist_ok=True)
     stats = CacheStats()
@@ -131,14 +133,35 @@ def build_cache(
             continue
         shape = f"{sizes[item][0]}x{sizes[item][1]}" if item in sizes else str(resolution)
         latent = cache_dir / "latents" / f"{_digest(latent_id, shape, image_bytes)}.safetensors"
-        text = cache_dir / "text" / f"{_digest(text_id, item.caption)}.safetensors"
-        entries[item] = (latent, text)
+        entries[item] = (latent, _text_file(cache_dir, text_id, item.caption) if captions else None)
 
     checked: dict[Path, bool] = {}
-    stats.reused = sum(_reusable(latent, checked) and _reusable(text, checked) for latent, text in entries.values())
+    stats.reused = sum(_reusable(latent, checked) and (text is None or _reusable(text, checked))
+                       for latent, text in entries.values())
     _encode_latents(family, entries, resolution, sizes, device, batch_size, stats, checked)
-    _encode_texts(family, entries, device, batch_size, stats, checked)
+    if captions:
+        todo = {text: item.caption for item, (_, text) in entries.items()}
+        stats.texts_encoded += _encode_texts(family, todo, device, batch_size, checked)
     return {i: entries[i] for i in items if i in entries}, stats
+
+
+def cache_texts(family, texts: list[str], cache_dir: Path, device: torch.device,
+                batch_size: int = 4) -> tuple[dict[str, Path], int]:
+    """({text: entry file}, how many were encoded) for the distinct `texts`, the empty one
+    included: the same entries `build_cache` writes for captions, so either one reuses the other's."""
+    text_id = _identity(family, "text")
+    (cache_dir / "text").mkdir(parents=True, exist_ok=True)
+    files = {text: _text_file(cache_dir, text_id, text) for text in dict.fromkeys(texts)}
+    encoded = _encode_texts(family, {file: text for text, file in files.items()}, device, batch_size, {})
+    return files, encoded
+
+
+def _identity(family, part: str) -> str:
+    return json.dumps({**family.identity(part), "v": FORMAT_VERSION}, sort_keys=True)
+
+
+def _text_file(cache_dir: Path, text_id: str, text: str) -> Path:
+    return cache_dir / "text" / f"{_digest(text_id, text)}.safetensors"
 
 
 def _encode_latents(family, entries, resolution, sizes, device, batch_size, stats, checked):
@@ -168,17 +191,15 @@ def _encode_latents(family, entries, resolution, sizes, device, batch_size, stat
     bar.close()
 
 
-def _encode_texts(family, entries, device, batch_size, stats, checked):
-    todo: dict[Path, str] = {}
-    for item, (_, text) in entries.items():
-        if text not in todo and not _reusable(text, checked):
-            todo[text] = item.caption
+def _encode_texts(family, texts: dict[Path, str], device, batch_size, checked) -> int:
+    """Encode the {entry file: text} pairs whose entry is not reusable; returns how many."""
+    todo = {file: text for file, text in texts.items() if not _reusable(file, checked)}
     files = list(todo)
     bar = tqdm(total=len(files), desc="caching captions", unit="caption", disable=not files)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         for file, tensors in zip(chunk, family.encode_prompts([todo[f] for f in chunk], device)):
             write_atomic(tensors, file)
-        stats.texts_encoded += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    return len(files)

@@ -11,6 +11,8 @@
     fluxtune data caption DIR --model ID_OR_PATH [--trigger WORD] [--batch-size B] [--overwrite] ...
     fluxtune data validate DIR [--resolution 512] [--model PATH] [--report FILE.json] [--fix DIR2]
                                [--max-pixels N] [--max-aspect R]
+    fluxtune data prepare DIR [--out DIR/metadata.jsonl] [--resolution 512] [--step 16]
+    fluxtune data bucket DIR [--resolution 512] [--step 16] [--upscale] [--batch-size B] [--processes N]
 
 Exit status: 0 done, 1 a bad model, data or LoRA, or a diverged run (the message says which),
 2 a bad config, 75 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with
@@ -162,12 +164,29 @@ def _data_validate(args) -> int:
                max_pixels=args.max_pixels, max_aspect=args.max_aspect)
 
 
+def _data_prepare(args) -> int:
+    from data_tools.prepare import write_manifest
+
+    out = write_manifest(args.dir, args.out, resolution=args.resolution, step=args.step)
+    rows = sum(1 for line in out.read_text(encoding="utf-8").splitlines() if line.strip())
+    print(f"wrote {out}: {rows} images (file_name, text, width, height, bucket)")
+    return 0
+
+
+def _data_bucket(args) -> int:
+    from data_tools.prepare import bucket_report
+
+    print(bucket_report(args.dir, resolution=args.resolution, step=args.step, upscale=args.upscale,
+                        batch_size=args.batch_size, processes=args.processes))
+    return 0
+
+
 def _add_data_parsers(sub) -> None:
     """`fluxtune data ...`: dataset preparation. Each command's code lives in `data_tools` and is
     imported only when that command runs."""
     from fluxtune.image_checks import MAX_ASPECT, MAX_PIXELS
 
-    data = sub.add_parser("data", help="prepare a dataset: caption and validate images")
+    data = sub.add_parser("data", help="prepare a dataset: caption, validate, write a manifest, show buckets")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     p = dsub.add_parser("caption", help="write a caption file beside each image with a vision-language model")
@@ -197,6 +216,25 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--max-aspect", type=float, default=MAX_ASPECT,
                    help=f"longer / shorter side above this is skipped (default {MAX_ASPECT:g})")
     p.set_defaults(fn=_data_validate)
+
+    p = dsub.add_parser("prepare", help="write metadata.jsonl (the datasets imagefolder format) from .txt captions")
+    p.add_argument("dir", help="folder of images with .txt captions")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default DIR/metadata.jsonl, where datasets looks)")
+    _bucket_arguments(p)
+    p.set_defaults(fn=_data_prepare)
+
+    p = dsub.add_parser("bucket", help="images per aspect-ratio bucket, and the batches an epoch makes of them")
+    p.add_argument("dir", help="folder of images (its metadata.jsonl when it has one)")
+    _bucket_arguments(p)
+    p.add_argument("--upscale", action="store_true", help="as data.upscale: let small images fill their bucket")
+    p.add_argument("--batch-size", type=int, default=1, help="as train.batch_size (default 1)")
+    p.add_argument("--processes", type=int, default=1, help="training processes (GPUs) (default 1)")
+    p.set_defaults(fn=_data_bucket)
+
+
+def _bucket_arguments(p) -> None:
+    p.add_argument("--resolution", type=int, default=512, help="as data.resolution (default 512)")
+    p.add_argument("--step", type=int, default=16, choices=(16, 32, 64), help="as data.bucket_step (default 16)")
 
 
 def _add_export_parsers(sub) -> None:

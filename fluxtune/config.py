@@ -91,11 +91,42 @@ class ModelConfig(_Section):
         raise ValueError(f"should be none, nf4 or int8 (bitsandbytes) or fp8 (torchao){hint}")
 
 
+class SourceConfig(_Section):
+    """One entry of data.sources: a folder (`path`) or a `datasets` dataset (`dataset`)."""
+
+    path: str | None = Field(None, description="folder of images: metadata.jsonl captions, else .txt files")
+    dataset: str | None = Field(None, description="local dataset folder (imagefolder, parquet, arrow, "
+                                                  "save_to_disk) or a hub id; needs the datasets extra")
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    repeats: int = Field(1, ge=1, description="this source's images count this many times per epoch")
+    default_caption: str | None = Field(None, description="None = data.default_caption")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give either path (a folder) or dataset (a datasets folder or hub id), not "
+                             f"{'both' if self.path else 'neither'}")
+        only_dataset = {"split", "image_column"} & self.model_fields_set
+        if self.path is not None and only_dataset:
+            raise ValueError(f"{' and '.join(sorted(only_dataset))}: only for a dataset source, not a path")
+        return self
+
+
 class DataConfig(_Section):
-    path: str = Field(description="folder of images with same-name .txt captions")
+    # The simple single-folder form; `sources` combines folders and datasets (one or the other).
+    path: str | None = Field(None, description="folder of images with same-name .txt captions or a metadata.jsonl")
+    sources: list[SourceConfig] | None = None
     resolution: int = Field(512, ge=64, le=4096)
     default_caption: str = ""
     caption_extension: str = ".txt"
+    # Captions at train time (fluxtune.captions), chosen per (train.seed, epoch, sample) and all
+    # encoded before training. A caption file with several lines holds one variant per line.
+    trigger_word: str | None = Field(None, description="put first in every caption that lacks it")
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="chance of training with the empty caption")
+    shuffle_tags: bool = False
+    keep_tags: int = Field(1, ge=0, description="leading comma-separated tags that shuffle_tags leaves in place")
     repeats: int = Field(1, ge=1)
     # Aspect-ratio buckets: each image trains near its own shape (area <= resolution^2, sides a
     # multiple of bucket_step), never enlarged unless `upscale`; false: a centre-cropped square.
@@ -114,6 +145,20 @@ class DataConfig(_Section):
         if v % 16:
             raise ValueError(f"must be a multiple of 16; try {max(64, round(v / 16) * 16)}")
         return v
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _one_tag(cls, v):
+        # It is inserted as a tag of its own: a comma or line break would split it.
+        if v is not None and (not v.strip() or v != v.strip() or any(c in v for c in ",\n")):
+            raise ValueError("must be a word or phrase without commas, line breaks or surrounding spaces, e.g. sks")
+        return v
+
+    def resolved_sources(self) -> dict[str, SourceConfig]:
+        """{config key, for messages: source}: data.path as a one-folder source, or data.sources."""
+        if self.path is not None:
+            return {"data.path": SourceConfig(path=self.path)}
+        return {f"data.sources.{i}": source for i, source in enumerate(self.sources or [])}
 
 
 class LoraConfig(_Section):
@@ -289,6 +334,11 @@ class TrainConfig(_Section):
     guidance: float | None = Field(None, ge=0)
     save_every: int = Field(250, ge=1)
     gradient_checkpointing: bool = False
+    # Keep the frozen weights of the last N transformer blocks on the CPU and stream each to the GPU
+    # only while it computes (fluxtune/offload.py): less GPU memory, slower steps. No effect on CPU.
+    blocks_to_swap: int = Field(0, ge=0)
+    # torch.compile each transformer block (regional compilation): faster steps after a warm-up.
+    compile: bool = False
     # Exponential moving average of the LoRA weights, used for samples and saved as lora_ema/.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     # Continue from a training-state checkpoint: "latest" (in output_dir/state; starts fresh when
@@ -313,16 +363,35 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.data.path is not None and self.data.sources is not None:
+            raise ValueError("data.sources: give data.path (one folder) or data.sources (a list), not both")
+        if self.data.path is None and not self.data.sources:
+            raise ValueError("data.path: required key is missing (or give data.sources, a list of folders and datasets)")
         if self.sample.every and not self.sample.prompts:
             raise ValueError("sample.prompts: sample.every is set but there are no prompts to render")
         if self.eval.every and not (self.eval.fraction or self.eval.path):
             raise ValueError("eval.every: set eval.fraction (held out from data.path) or eval.path")
+        if self.train.blocks_to_swap:
+            self._check_block_swap()
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
             raise ValueError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} must be below train.max_steps "
                 f"({self.train.max_steps})"
             )
         return self
+
+    def _check_block_swap(self):
+        """What block swap cannot run with: each would bring the swapped weights back to the GPU
+        or move weights the swap does not know how to move."""
+        swap = f"train.blocks_to_swap ({self.train.blocks_to_swap})"
+        if self.train.compile:
+            raise ValueError(f"train.compile: cannot be combined with {swap}; set one of them")
+        if self.model.quantize != "none":
+            raise ValueError(f"model.quantize: {self.model.quantize} cannot be combined with {swap}, which moves "
+                             "full-precision weights only; set model.quantize=none or train.blocks_to_swap=0")
+        if self.sample.every:
+            raise ValueError(f"sample.every: in-training samples would load the whole transformer onto the GPU, "
+                             f"which {swap} is there to avoid; set sample.every=0 and render with fluxtune generate")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fluxtune.cache import CacheStats, build_cache, default_cache_dir
+from fluxtune.cache import CacheStats, build_cache, cache_texts, default_cache_dir
+from fluxtune.captions import CaptionSettings, choose_caption, eval_caption
 from fluxtune.checkpoint import (
     CheckpointError,
     StopOnSignal,
@@ -42,6 +43,7 @@ from fluxtune.data import (
     bucket_targets,
     collate,
     dataset_sha256,
+    list_items,
     scan_image_folder,
     split_holdout,
 )
@@ -60,6 +62,7 @@ from fluxtune.lora import (
     save_lora,
 )
 from fluxtune.objective import batch_loss
+from fluxtune.offload import BlockSwap, check_swap_count, compile_blocks
 from fluxtune.optim import make_optimizer, require_optimizer
 from fluxtune.quantize import enable_input_grads, require_quantization
 from fluxtune.sampling import TrainingSampler, image_grid
@@ -163,17 +166,22 @@ def train(cfg: Config) -> RunResult:
         quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders,
     )
     data = _prepare_data(cfg, family, accelerator)
+    loader, order = _loader(cfg, data, accelerator.num_processes)
+    if data.caption_settings:
+        _cache_captions(cfg, family, data, loader, order, accelerator)
+    family.free_encoders()  # every text the run will train with is in the cache by now
 
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
     # the LoRA's initial weights must not depend on the cache.
     set_seed(cfg.train.seed)
-    transformer, params = _lora_model(cfg, family, weight_dtype, accelerator.device)
+    transformer, params, swapping = _lora_model(cfg, family, weight_dtype, accelerator)
     optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                **cfg.optim.own_settings())
-    loader, order = _loader(cfg, data, accelerator.num_processes)
     if isinstance(order, BucketBatchSampler) and accelerator.is_main_process:
         _report_buckets(order.summary(), out)
-    transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+    # Swapped blocks keep their weights on the CPU: accelerate must not move the model (None: its default).
+    transformer, optimizer, loader = accelerator.prepare(
+        transformer, optimizer, loader, device_placement=[False if swapping else None, None, None])
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
         tracker, out, weight_dtype,
@@ -231,8 +239,13 @@ def _check_output_dir(out: Path) -> None:
                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free some space or choose another output_dir")
 
 
-def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, device):
-    transformer = family.load_transformer(weight_dtype).to(device)
+def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, accelerator):
+    """The transformer with its LoRA on the accelerator's device, except the frozen weights of
+    swapped blocks (train.blocks_to_swap). Returns (transformer, LoRA parameters, swapping?)."""
+    transformer = family.load_transformer(weight_dtype)
+    swap = _blocks_to_swap(cfg, transformer, accelerator)
+    if not swap:  # with swap, BlockSwap moves all but the swapped weights: the whole model may not fit
+        transformer = transformer.to(accelerator.device)
     params = add_lora(
         transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
         targets=resolve_targets(family, cfg.lora.targets),
@@ -240,12 +253,34 @@ def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, device):
     adapted = count_adapted(transformer)
     log.info("LoRA on %d double-block and %d single-block modules, %.2fM parameters",
              adapted["double"], adapted["single"], sum(p.numel() for p in params) / 1e6)
+    if swap:
+        BlockSwap(transformer, swap, offload=torch.device("cpu"), compute=accelerator.device)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         if cfg.model.quantize != "none":
             enable_input_grads(transformer)
+    if cfg.train.compile:
+        compile_blocks(transformer)
     transformer.train()
-    return transformer, params
+    return transformer, params, bool(swap)
+
+
+def _blocks_to_swap(cfg: Config, transformer, accelerator) -> int:
+    """train.blocks_to_swap, checked against the model, or 0 where there is no GPU to swap to."""
+    count = cfg.train.blocks_to_swap
+    if not count:
+        return 0
+    try:
+        check_swap_count(transformer, count)
+    except ValueError as e:
+        raise UserError(f"train.blocks_to_swap: {e}; lower it") from None
+    if accelerator.device.type != "cuda":
+        log.info("train.blocks_to_swap=%d has no effect on %s: there is no GPU to swap to", count, accelerator.device)
+        return 0
+    if accelerator.num_processes > 1:
+        raise UserError("train.blocks_to_swap: works with one process only (data parallel needs every weight "
+                        "on its GPU); launch one process or set train.blocks_to_swap=0")
+    return count
 
 
 def _loader(cfg: Config, data: "_Data", processes: int):
@@ -277,12 +312,16 @@ def _report_buckets(summary: dict, out: Path) -> None:
 class _Data:
     """The cached dataset a run trains on."""
 
-    train_entries: list  # (latent file, text file) per training image
+    train_entries: list  # (latent file, text file) per training image; text None with caption_settings
     eval_entries: list
     sizes: list  # (width, height) per training image with buckets; empty without
     stats: CacheStats
     sampler: TrainingSampler | None
     identity: dict  # size and content hash, for the LoRA's header
+    cache_dir: Path
+    caption_settings: CaptionSettings | None  # None: every image trains with its caption as written
+    captions: list[str]  # per training image, as written
+    eval_captions: list[str]  # per held-out image, as written
 
 
 def _mixed_precision(setting: str) -> str:
@@ -293,8 +332,10 @@ def _mixed_precision(setting: str) -> str:
 
 def _prepare_data(cfg: Config, family, accelerator):
     """Encode latents and captions once (main process first; the others then read the cache), and
-    the sample prompts while the text encoders are loaded; then free the encoders."""
-    items = scan_image_folder(cfg.data.path, cfg.data.default_caption, cfg.data.caption_extension)
+    the sample prompts, while the text encoders are loaded. Captions changed at train time (see
+    fluxtune.captions) are left to `_cache_captions`, which knows the epochs the run reaches."""
+    items = list_items(cfg.data.resolved_sources(), Path(cfg.data.cache_dir or default_cache_dir()) / "images",
+                       cfg.data.default_caption, cfg.data.caption_extension)
     if cfg.eval.path:
         held_out = scan_image_folder(cfg.eval.path, cfg.data.default_caption, cfg.data.caption_extension)
     else:
@@ -302,24 +343,66 @@ def _prepare_data(cfg: Config, family, accelerator):
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     d = cfg.data
     sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
+    settings = CaptionSettings(d.trigger_word, d.caption_dropout, d.shuffle_tags, d.keep_tags)
+    settings = settings if settings.active([i.caption for i in items + held_out]) else None
     with accelerator.main_process_first():
-        entries, stats = build_cache(family, items + held_out, cache_dir, d.resolution, accelerator.device, sizes=sizes)
+        entries, stats = build_cache(family, items + held_out, cache_dir, d.resolution, accelerator.device,
+                                     sizes=sizes, captions=settings is None)
     sampler = None
     if cfg.sample.every and accelerator.is_main_process:
         prompts = cfg.sample.resolved_prompts()
         *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
         sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,
                                   default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
-    family.free_encoders()
     used = [i for i in items if i in entries]
-    eval_entries = [entries[i] for i in held_out if i in entries]
+    eval_items = [i for i in held_out if i in entries]
+    eval_entries = [entries[i] for i in eval_items]
     if not used:
-        raise DataError(f"data.path {d.path}: none of the {len(items)} images could be read (see warnings above)")
+        where = f"data.path {d.path}" if d.path else "data.sources"
+        raise DataError(f"{where}: none of the {len(items)} images could be read (see warnings above)")
     log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
              "encoded, %d reused", len(used), len(eval_entries), stats.skipped, cache_dir,
              stats.latents_encoded, stats.texts_encoded, stats.reused)
     return _Data([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats, sampler,
-                 {"images": len(used), "sha256": dataset_sha256(used)})
+                 {"images": len(used), "sha256": dataset_sha256(used)}, cache_dir, settings,
+                 [i.caption for i in used], [i.caption for i in eval_items])
+
+
+def _cache_captions(cfg: Config, family, data: _Data, loader, order, accelerator) -> None:
+    """Choose the caption of every (epoch, sample) the run reaches and encode the distinct ones
+    now: the text encoders are freed before training. The loader's dataset then reads each
+    sample's text by (epoch, index); held-out images are scored with a fixed caption."""
+    settings, n = data.caption_settings, len(data.captions)
+    seen = _samples_read(loader, order, accelerator, cfg.train.max_steps * cfg.train.grad_accum)
+    plan = {(e, i): choose_caption(data.captions[i % n], settings, cfg.train.seed, e, i) for e, i in seen}
+    held_out = [eval_caption(c, settings) for c in data.eval_captions]
+    with accelerator.main_process_first():
+        files, encoded = cache_texts(family, [*plan.values(), *held_out], data.cache_dir, accelerator.device)
+    loader.dataset.texts = {key: files[text] for key, text in plan.items()}
+    data.eval_entries = [(latent, files[text]) for (latent, _), text in zip(data.eval_entries, held_out)]
+    data.stats.texts_encoded += encoded
+    epochs = 1 + max(e for e, _ in plan)
+    log.info("captions: %d distinct over %d epochs (%d encoded, %d reused), %.0f%% of samples uncaptioned",
+             len(files), epochs, encoded, len(files) - encoded,
+             100 * sum(not t for t in plan.values()) / len(plan))
+
+
+def _samples_read(loader, order, accelerator, batches: int) -> list[tuple[int, int]]:
+    """(epoch, index) of every sample in the epochs a run of `batches` batches per process reaches.
+    Whole epochs: the loader reads a batch ahead of the one training takes, and a resumed run reads
+    the batches of its epoch that it skips. Per-process epoch length as `accelerator.prepare` deals
+    the batches out (accelerate's BatchSamplerShard)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    per_process = len(BatchSamplerShard(loader.batch_sampler, accelerator.num_processes, 0,
+                                        split_batches=accelerator.split_batches,
+                                        even_batches=accelerator.even_batches))
+    seen: dict[tuple[int, int], None] = {}
+    for epoch in range(math.ceil(batches / per_process)):
+        order.set_epoch(epoch)
+        seen.update(dict.fromkeys((epoch, i) for batch in loader.batch_sampler for i in batch))
+    order.set_epoch(0)
+    return list(seen)
 
 
 def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):
@@ -343,6 +426,7 @@ def _batches(loader, order: EpochSampler, epoch: int, done: int):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         order.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)  # accelerate passes the epoch to the sampler only
         for i, batch in enumerate(loader):
             if i >= done:
                 yield epoch, i + 1, batch
