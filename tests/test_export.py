@@ -20,7 +20,7 @@ from fluxtune.families import load_family
 from fluxtune.lora_formats import FORMATS, content_hash, delta_close, read_lora
 from fluxtune.train import train
 
-from test_lora_formats import adapted_layers, latents
+from test_lora_formats import adapted_layers
 
 
 @pytest.fixture(scope="module")
