@@ -330,8 +330,23 @@ def _mixed_precision(setting: str) -> str:
     return setting
 
 
+def _shared_cache(family, items, cache_dir, resolution, accelerator, **kwargs):
+    """Under N processes each encodes its own shard of the images (every N-th, so each GPU loads
+    the encoders and works at once); after a barrier every process reads the whole cache, complete
+    by then, so nothing is encoded twice. The counts returned are this process's."""
+    if accelerator.num_processes == 1:
+        return build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
+    shard = list(dict.fromkeys(items))[accelerator.process_index :: accelerator.num_processes]
+    _, mine = build_cache(family, shard, cache_dir, resolution, accelerator.device, **kwargs)
+    accelerator.wait_for_everyone()
+    entries, stats = build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
+    stats.latents_encoded += mine.latents_encoded
+    stats.texts_encoded += mine.texts_encoded
+    return entries, stats
+
+
 def _prepare_data(cfg: Config, family, accelerator):
-    """Encode latents and captions once (main process first; the others then read the cache), and
+    """Encode latents and captions once (each process a shard, see `_shared_cache`), and
     the sample prompts, while the text encoders are loaded. Captions changed at train time (see
     fluxtune.captions) are left to `_cache_captions`, which knows the epochs the run reaches."""
     items = list_items(cfg.data.resolved_sources(), Path(cfg.data.cache_dir or default_cache_dir()) / "images",
@@ -345,9 +360,8 @@ def _prepare_data(cfg: Config, family, accelerator):
     sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
     settings = CaptionSettings(d.trigger_word, d.caption_dropout, d.shuffle_tags, d.keep_tags)
     settings = settings if settings.active([i.caption for i in items + held_out]) else None
-    with accelerator.main_process_first():
-        entries, stats = build_cache(family, items + held_out, cache_dir, d.resolution, accelerator.device,
-                                     sizes=sizes, captions=settings is None)
+    entries, stats = _shared_cache(family, items + held_out, cache_dir, d.resolution, accelerator,
+                                   sizes=sizes, captions=settings is None)
     sampler = None
     if cfg.sample.every and accelerator.is_main_process:
         prompts = cfg.sample.resolved_prompts()

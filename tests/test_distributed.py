@@ -75,6 +75,10 @@ def test_two_processes_with_uneven_buckets_finish_every_epoch_together(tiny_mode
     launch_two(settings(tiny_models("flux2-klein"), photos, out, tmp_path / "cache", batch_size=1,
                         **{"data.buckets": "true", "data.repeats": 1, "train.max_steps": 5}))
     assert same_on_both_ranks(out)
+    # a fresh cache, built by both processes at once: each encoded its own share, none twice
+    counts = [json.loads((out / f"rank{r}-cache.json").read_text()) for r in (0, 1)]
+    assert sorted(c["latents_encoded"] for c in counts) == [1, 2]
+    assert sum(c["texts_encoded"] for c in counts) == 3
     buckets = json.loads((out / "buckets.json").read_text())
     assert buckets["processes"] == 2 and set(buckets["buckets"]) == {"64x64", "80x48"}
     assert buckets["batches_per_epoch"] == 4 and buckets["batches_repeated_for_even_ranks"] == 1

@@ -1,10 +1,13 @@
 """Run by `accelerate launch` in tests: trains with the given overrides, then every rank saves its
-own copy of the LoRA weights to <output_dir>/rank<i>.safetensors, so a test can compare ranks.
+own copy of the LoRA weights to <output_dir>/rank<i>.safetensors and its cache counts to
+<output_dir>/rank<i>-cache.json, so a test can compare ranks.
 
     accelerate launch ... tests/workers/train_rank.py key=value ...
 """
 
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,3 +25,4 @@ from accelerate import PartialState  # noqa: E402  (the state exists once train(
 rank = PartialState().process_index
 weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(result.transformer).items()}
 save_file(weights, str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
+(Path(cfg.output_dir) / f"rank{rank}-cache.json").write_text(json.dumps(asdict(result.cache)))
