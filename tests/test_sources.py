@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
 from PIL import Image
@@ -15,8 +16,6 @@ from fluxtune.cli import main
 from fluxtune.config import ConfigError, SourceConfig, load_config
 from fluxtune.data import DataError, dataset_items, folder_items, list_items, materialise_image
 from fluxtune.train import train
-
-datasets = pytest.importorskip("datasets")
 
 
 def _copy(photos, folder):
