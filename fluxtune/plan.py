@@ -492,7 +492,8 @@ def _fsdp(shapes: Shapes, s: Settings, card_bytes: int, most: int = 8) -> list[S
     for gpus in range(2, most + 1):
         peak = training_peak(shapes, replace(s, fsdp_gpus=gpus))
         if peak <= card_bytes:
-            return [Suggestion(f"multi-GPU FSDP over {gpus} such GPUs{without} (per GPU)", peak)]
+            # fluxtune refuses parameter sharding for now (see train._refuse_sharding): a figure, not a recipe
+            return [Suggestion(f"multi-GPU FSDP over {gpus} such GPUs{without} (per GPU)", peak, available=False)]
     return [Suggestion(f"nothing above fits; FSDP over {most} such GPUs{without} needs per GPU",
                        training_peak(shapes, replace(s, fsdp_gpus=most)), available=False)]
 
@@ -589,7 +590,8 @@ def _verdicts(p: Plan, cards: list[int]) -> list[str]:
         if p.totals["training"] > card:
             lines.append("           try, in this order (each on top of the ones before):")
             for sug in p.suggestions(card):
-                mark = "fits" if sug.peak <= card and sug.available else "still too big"
+                fits = sug.peak <= card
+                mark = ("fits" if sug.available else "would fit; not in fluxtune yet") if fits else "still too big"
                 lines.append(f"             {sug.change:<60} training {_gib(sug.peak)} GiB, {mark}")
         caching = max(p.totals["cache latents"], p.totals["cache captions"])
         if caching > card:
