@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fluxtune.cache import CacheStats, build_cache, cache_texts, default_cache_dir
-from fluxtune.captions import CaptionSettings, choose_caption, eval_caption
+from fluxtune.cache import CacheStats
 from fluxtune.checkpoint import (
     CheckpointError,
     StopOnSignal,
@@ -34,19 +33,9 @@ from fluxtune.checkpoint import (
     rng_state,
     save_state,
 )
-from fluxtune.config import Config
 from fluxtune.buckets import BucketBatchSampler
-from fluxtune.data import (
-    CachedDataset,
-    DataError,
-    EpochSampler,
-    bucket_targets,
-    collate,
-    dataset_sha256,
-    list_items,
-    scan_image_folder,
-    split_holdout,
-)
+from fluxtune.config import Config
+from fluxtune.data import CachedDataset, EpochSampler
 from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
@@ -65,6 +54,7 @@ from fluxtune.objective import batch_loss
 from fluxtune.offload import BlockSwap, check_swap_count, compile_blocks
 from fluxtune.optim import make_optimizer, require_optimizer
 from fluxtune.quantize import enable_input_grads, require_quantization
+from fluxtune.run_data import cache_captions, make_loader, prepare_data, report_buckets
 from fluxtune.sampling import TrainingSampler, image_grid
 from fluxtune.tracking import make_tracker
 
@@ -165,10 +155,10 @@ def train(cfg: Config) -> RunResult:
         bypass_guidance=m.bypass_guidance, max_sequence_length=m.max_sequence_length, dtype=weight_dtype,
         quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders,
     )
-    data = _prepare_data(cfg, family, accelerator)
-    loader, order = _loader(cfg, data, accelerator.num_processes)
+    data = prepare_data(cfg, family, accelerator)
+    loader, order = make_loader(cfg, data, accelerator.num_processes)
     if data.caption_settings:
-        _cache_captions(cfg, family, data, loader, order, accelerator)
+        cache_captions(cfg, family, data, loader, order, accelerator)
     family.free_encoders()  # every text the run will train with is in the cache by now
 
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
@@ -178,7 +168,7 @@ def train(cfg: Config) -> RunResult:
     optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                **cfg.optim.own_settings())
     if isinstance(order, BucketBatchSampler) and accelerator.is_main_process:
-        _report_buckets(order.summary(), out)
+        report_buckets(order.summary(), out)
     # Swapped blocks keep their weights on the CPU: accelerate must not move the model (None: its default).
     transformer, optimizer, loader = accelerator.prepare(
         transformer, optimizer, loader, device_placement=[False if swapping else None, None, None])
@@ -283,140 +273,10 @@ def _blocks_to_swap(cfg: Config, transformer, accelerator) -> int:
     return count
 
 
-def _loader(cfg: Config, data: "_Data", processes: int):
-    dataset = CachedDataset(data.train_entries, repeats=cfg.data.repeats)
-    # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
-    # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
-    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
-                  generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
-    if data.sizes:
-        order = BucketBatchSampler(data.sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=order, **common), order
-    order = EpochSampler(len(dataset), cfg.train.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order,
-                                         drop_last=len(dataset) >= cfg.train.batch_size, **common)
-    return loader, order
-
-
-def _report_buckets(summary: dict, out: Path) -> None:
-    """The buckets in use, in the log and in output_dir/buckets.json."""
-    (out / "buckets.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    parts = [f"{size}: {b['images']} images" + (f" (+{b['repeated']} repeated)" if b["repeated"] else "")
-             for size, b in summary["buckets"].items()]
-    even = summary["batches_repeated_for_even_ranks"]
-    log.info("buckets: %s; %d batches per epoch%s", ", ".join(parts), summary["batches_per_epoch"],
-             f" ({even} repeated so every process gets as many)" if even else "")
-
-
-@dataclass
-class _Data:
-    """The cached dataset a run trains on."""
-
-    train_entries: list  # (latent file, text file) per training image; text None with caption_settings
-    eval_entries: list
-    sizes: list  # (width, height) per training image with buckets; empty without
-    stats: CacheStats
-    sampler: TrainingSampler | None
-    identity: dict  # size and content hash, for the LoRA's header
-    cache_dir: Path
-    caption_settings: CaptionSettings | None  # None: every image trains with its caption as written
-    captions: list[str]  # per training image, as written
-    eval_captions: list[str]  # per held-out image, as written
-
-
 def _mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return setting
-
-
-def _shared_cache(family, items, cache_dir, resolution, accelerator, **kwargs):
-    """Under N processes each encodes its own shard of the images (every N-th, so each GPU loads
-    the encoders and works at once); after a barrier every process reads the whole cache, complete
-    by then, so nothing is encoded twice. The counts returned are this process's."""
-    if accelerator.num_processes == 1:
-        return build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
-    shard = list(dict.fromkeys(items))[accelerator.process_index :: accelerator.num_processes]
-    _, mine = build_cache(family, shard, cache_dir, resolution, accelerator.device, **kwargs)
-    accelerator.wait_for_everyone()
-    entries, stats = build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
-    stats.latents_encoded += mine.latents_encoded
-    stats.texts_encoded += mine.texts_encoded
-    return entries, stats
-
-
-def _prepare_data(cfg: Config, family, accelerator):
-    """Encode latents and captions once (each process a shard, see `_shared_cache`), and
-    the sample prompts, while the text encoders are loaded. Captions changed at train time (see
-    fluxtune.captions) are left to `_cache_captions`, which knows the epochs the run reaches."""
-    items = list_items(cfg.data.resolved_sources(), Path(cfg.data.cache_dir or default_cache_dir()) / "images",
-                       cfg.data.default_caption, cfg.data.caption_extension)
-    if cfg.eval.path:
-        held_out = scan_image_folder(cfg.eval.path, cfg.data.default_caption, cfg.data.caption_extension)
-    else:
-        items, held_out = split_holdout(items, cfg.eval.fraction)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    d = cfg.data
-    sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
-    settings = CaptionSettings(d.trigger_word, d.caption_dropout, d.shuffle_tags, d.keep_tags)
-    settings = settings if settings.active([i.caption for i in items + held_out]) else None
-    entries, stats = _shared_cache(family, items + held_out, cache_dir, d.resolution, accelerator,
-                                   sizes=sizes, captions=settings is None)
-    sampler = None
-    if cfg.sample.every and accelerator.is_main_process:
-        prompts = cfg.sample.resolved_prompts()
-        *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
-        sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,
-                                  default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
-    used = [i for i in items if i in entries]
-    eval_items = [i for i in held_out if i in entries]
-    eval_entries = [entries[i] for i in eval_items]
-    if not used:
-        where = f"data.path {d.path}" if d.path else "data.sources"
-        raise DataError(f"{where}: none of the {len(items)} images could be read (see warnings above)")
-    log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
-             "encoded, %d reused", len(used), len(eval_entries), stats.skipped, cache_dir,
-             stats.latents_encoded, stats.texts_encoded, stats.reused)
-    return _Data([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats, sampler,
-                 {"images": len(used), "sha256": dataset_sha256(used)}, cache_dir, settings,
-                 [i.caption for i in used], [i.caption for i in eval_items])
-
-
-def _cache_captions(cfg: Config, family, data: _Data, loader, order, accelerator) -> None:
-    """Choose the caption of every (epoch, sample) the run reaches and encode the distinct ones
-    now: the text encoders are freed before training. The loader's dataset then reads each
-    sample's text by (epoch, index); held-out images are scored with a fixed caption."""
-    settings, n = data.caption_settings, len(data.captions)
-    seen = _samples_read(loader, order, accelerator, cfg.train.max_steps * cfg.train.grad_accum)
-    plan = {(e, i): choose_caption(data.captions[i % n], settings, cfg.train.seed, e, i) for e, i in seen}
-    held_out = [eval_caption(c, settings) for c in data.eval_captions]
-    with accelerator.main_process_first():
-        files, encoded = cache_texts(family, [*plan.values(), *held_out], data.cache_dir, accelerator.device)
-    loader.dataset.texts = {key: files[text] for key, text in plan.items()}
-    data.eval_entries = [(latent, files[text]) for (latent, _), text in zip(data.eval_entries, held_out)]
-    data.stats.texts_encoded += encoded
-    epochs = 1 + max(e for e, _ in plan)
-    log.info("captions: %d distinct over %d epochs (%d encoded, %d reused), %.0f%% of samples uncaptioned",
-             len(files), epochs, encoded, len(files) - encoded,
-             100 * sum(not t for t in plan.values()) / len(plan))
-
-
-def _samples_read(loader, order, accelerator, batches: int) -> list[tuple[int, int]]:
-    """(epoch, index) of every sample in the epochs a run of `batches` batches per process reaches.
-    Whole epochs: the loader reads a batch ahead of the one training takes, and a resumed run reads
-    the batches of its epoch that it skips. Per-process epoch length as `accelerator.prepare` deals
-    the batches out (accelerate's BatchSamplerShard)."""
-    from accelerate.data_loader import BatchSamplerShard
-
-    per_process = len(BatchSamplerShard(loader.batch_sampler, accelerator.num_processes, 0,
-                                        split_batches=accelerator.split_batches,
-                                        even_batches=accelerator.even_batches))
-    seen: dict[tuple[int, int], None] = {}
-    for epoch in range(math.ceil(batches / per_process)):
-        order.set_epoch(epoch)
-        seen.update(dict.fromkeys((epoch, i) for batch in loader.batch_sampler for i in batch))
-    order.set_epoch(0)
-    return list(seen)
 
 
 def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):
