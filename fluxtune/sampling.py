@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fluxtune.errors import LoraError, UserError
 from fluxtune.families import load_family
-from fluxtune.families.common import read_model_index
+from fluxtune.families.common import SamplingDefaults
 from fluxtune.lora import WEIGHTS_NAME, describe_base
 
 log = logging.getLogger("fluxtune")
@@ -142,44 +142,6 @@ class GenerateError(UserError, ValueError):
 NO_PROMPT = "no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE"
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    """How a kind of checkpoint is meant to be sampled (its model card's settings)."""
-
-    kind: str
-    why: str  # what in the checkpoint's configs says it is this kind
-    steps: int
-    guidance: float | None  # None: the model takes no guidance value
-    cfg: bool  # guidance > 1 runs real classifier-free guidance against a negative prompt
-
-
-MODEL_DEFAULTS = {
-    d.kind: d for d in [
-        # Guidance-distilled: guidance is an input of the transformer (Flex.1 counts as this kind too).
-        ModelDefaults("FLUX.1-dev", "FluxPipeline, transformer has a guidance embedder", 28, 3.5, cfg=False),
-        ModelDefaults("FLUX.1-schnell", "FluxPipeline, transformer has no guidance embedder", 4, None, cfg=False),
-        ModelDefaults("FLUX.2-dev", "Flux2Pipeline", 50, 4.0, cfg=False),
-        ModelDefaults("FLUX.2-klein base", "Flux2KleinPipeline, is_distilled false", 50, 4.0, cfg=True),
-        # Step-distilled: CFG is baked in, the pipeline ignores guidance_scale.
-        ModelDefaults("FLUX.2-klein distilled", "Flux2KleinPipeline, is_distilled true", 4, 1.0, cfg=False),
-    ]
-}
-
-
-def model_defaults(family) -> ModelDefaults:
-    """Which kind of checkpoint `family` loads, read from its configs rather than its name (local
-    folders and fine-tunes have any name): FLUX.1's guidance embedder tells dev from schnell, and
-    klein's `is_distilled` in model_index.json (what Flux2KleinPipeline reads) tells distilled
-    checkpoints from the base ones."""
-    pipeline = family.pipeline_cls.__name__
-    if pipeline == "Flux2KleinPipeline":
-        distilled = read_model_index(family.path, family.revision).get("is_distilled", False)
-        return MODEL_DEFAULTS["FLUX.2-klein distilled" if distilled else "FLUX.2-klein base"]
-    if pipeline == "Flux2Pipeline":
-        return MODEL_DEFAULTS["FLUX.2-dev"]
-    return MODEL_DEFAULTS["FLUX.1-dev" if family.has_guidance else "FLUX.1-schnell"]
-
-
 class LoraSpec(NamedTuple):
     source: str  # folder, .safetensors file or hub id
     scale: float
@@ -275,14 +237,14 @@ def generate(*, model: str, prompts: Sequence[str], seeds: Sequence[int], loras:
              progress: bool = True) -> Generated:
     """One PNG per (prompt, seed) in `out_dir` plus `contact_sheet.png` (rows: prompts, columns:
     seeds), or the single image at `out`. `loras` are `PATH[:SCALE]`, `scale` the strength of
-    those without one; steps and guidance default to the model's own (`model_defaults`).
+    those without one; steps and guidance default to the model's own (`family.sampling_defaults()`).
     Everything the user gave is checked before any weights are loaded."""
     _check_request(prompts, seeds, batch_size, out, steps)
     specs = [parse_lora(arg, scale) for arg in loras]
     device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fam = load_family(model, family, dtype=dtype)
-    defaults = model_defaults(fam)
+    defaults = fam.sampling_defaults()
     steps, guidance, cfg = _choose_settings(defaults, steps, guidance, negative_prompt, model)
 
     pipe = load_pipeline_with_loras(fam, [s.source for s in specs], [s.scale for s in specs], dtype).to(device)
@@ -329,7 +291,7 @@ def _check_request(prompts, seeds, batch_size: int, out, steps: int | None) -> N
                             "for; use --out-dir DIR")
 
 
-def _choose_settings(defaults: ModelDefaults, steps: int | None, guidance: float | None,
+def _choose_settings(defaults: SamplingDefaults, steps: int | None, guidance: float | None,
                      negative_prompt: str | None, model: str) -> tuple[int, float | None, bool]:
     """Steps, guidance and whether it runs CFG: the user's where given, else the model's; says
     what was chosen, since the defaults differ a lot between kinds of checkpoint."""

@@ -18,7 +18,7 @@ from fluxtune.cli import main
 from fluxtune.errors import LoraError
 from fluxtune.families import load_family
 from fluxtune.lora import add_file_metadata, add_lora, describe_base, resolve_targets, save_lora
-from fluxtune.sampling import model_defaults, parse_lora, read_prompts_file
+from fluxtune.sampling import parse_lora, read_prompts_file
 
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 
@@ -157,7 +157,7 @@ def test_files_metadata_and_contact_sheet(klein, loras, tmp_path, capsys):
 
 
 def test_klein_base_and_distilled_defaults(klein, klein_distilled, tmp_path, capsys, caplog):
-    base, distilled = model_defaults(load_family(str(klein))), model_defaults(load_family(str(klein_distilled)))
+    base, distilled = load_family(str(klein)).sampling_defaults(), load_family(str(klein_distilled)).sampling_defaults()
     assert (base.kind, base.steps, base.guidance, base.cfg) == ("FLUX.2-klein base", 50, 4.0, True)
     assert (distilled.kind, distilled.steps, distilled.guidance, distilled.cfg) == ("FLUX.2-klein distilled", 4, 1.0, False)
 
@@ -179,7 +179,7 @@ def test_klein_base_and_distilled_defaults(klein, klein_distilled, tmp_path, cap
 
 
 def test_flux1_dev_and_schnell_defaults(tiny_models):
-    dev, schnell = (model_defaults(load_family(str(tiny_models(k)))) for k in ("flux1", "flux1-schnell"))
+    dev, schnell = (load_family(str(tiny_models(k))).sampling_defaults() for k in ("flux1", "flux1-schnell"))
     assert (dev.kind, dev.steps, dev.guidance) == ("FLUX.1-dev", 28, 3.5)
     assert (schnell.kind, schnell.steps, schnell.guidance) == ("FLUX.1-schnell", 4, None)
 

@@ -73,6 +73,10 @@ class Family(Protocol):
     def pipeline_kwargs(self) -> dict:
         """Arguments the family's pipeline call needs to match training (sequence length, text layers)."""
 
+    def sampling_defaults(self):
+        """Steps, guidance and CFG the checkpoint is meant to be sampled with, read from its
+        configs rather than its name (local folders and fine-tunes have any name)."""
+
 
 def detect_family(path: str, revision: str | None = None) -> str:
     index = read_model_index(path, revision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,17 @@ def weights_fingerprint(path: str, subfolders: tuple[str, ...]) -> str | None:
         for sub in subfolders if (root / sub).is_dir() for f in (root / sub).iterdir() if f.is_file()
     )
     return json.dumps(stats)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a kind of checkpoint is meant to be sampled (its model card's settings)."""
+
+    kind: str
+    why: str  # what in the checkpoint's configs says it is this kind
+    steps: int
+    guidance: float | None  # None: the model takes no guidance value
+    cfg: bool  # guidance > 1 runs real classifier-free guidance against a negative prompt
 
 
 def block_regex(double: list[str], single: list[str]) -> str:

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from fluxtune.families.common import CheckpointParts, block_regex, read_component_config, weights_fingerprint
+from fluxtune.families.common import (
+    CheckpointParts,
+    SamplingDefaults,
+    block_regex,
+    read_component_config,
+    weights_fingerprint,
+)
 
 _ATTN_DOUBLE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -136,3 +142,9 @@ class Flux1:
 
     def pipeline_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The guidance embedder tells dev (guidance-distilled; Flex counts as this kind) from schnell."""
+        if self.has_guidance:
+            return SamplingDefaults("FLUX.1-dev", "FluxPipeline, transformer has a guidance embedder", 28, 3.5, cfg=False)
+        return SamplingDefaults("FLUX.1-schnell", "FluxPipeline, transformer has no guidance embedder", 4, None, cfg=False)

@@ -14,6 +14,7 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from fluxtune.families.common import (
     CheckpointParts,
     ModelError,
+    SamplingDefaults,
     block_regex,
     read_component_config,
     read_model_index,
@@ -171,3 +172,12 @@ class Flux2:
 
     def pipeline_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "text_encoder_out_layers": self.out_layers}
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """klein's `is_distilled` in model_index.json (what Flux2KleinPipeline reads) tells the
+        step-distilled checkpoints, whose CFG is baked in, from the base ones."""
+        if self.pipeline_cls is Flux2Pipeline:
+            return SamplingDefaults("FLUX.2-dev", "Flux2Pipeline", 50, 4.0, cfg=False)
+        if read_model_index(self.path, self.revision).get("is_distilled", False):
+            return SamplingDefaults("FLUX.2-klein distilled", "Flux2KleinPipeline, is_distilled true", 4, 1.0, cfg=False)
+        return SamplingDefaults("FLUX.2-klein base", "Flux2KleinPipeline, is_distilled false", 50, 4.0, cfg=True)
