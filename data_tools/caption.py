@@ -293,6 +293,9 @@ def caption_folder(folder: str | Path, model: str | Path, *, batch_size: int = 8
                          progress=progress and state.is_local_main_process)
     mine = Summary(done.captioned, len(shard) - len(todo), done.failed, done.seconds)
     every = gather_object([mine])
+    # Leaving with the gloo/NCCL group still up can abort the process at exit ("terminate called
+    # without an active exception") after all the work is done; close it as training does.
+    state.destroy_process_group()
     return Summary(sum(s.captioned for s in every), sum(s.skipped for s in every),
                    sum(s.failed for s in every) + len(bad_links), max(s.seconds for s in every),
                    tuple(s.captioned for s in every))
