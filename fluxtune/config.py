@@ -339,6 +339,9 @@ class TrainConfig(_Section):
     blocks_to_swap: int = Field(0, ge=0)
     # torch.compile each transformer block (regional compilation): faster steps after a warm-up.
     compile: bool = False
+    # Split the frozen base across the launched processes (FSDP2, fluxtune/sharding.py), for a base
+    # that does not fit one GPU; the LoRA stays whole on every process. none: plain data parallel.
+    sharding: Literal["none", "fsdp"] = "none"
     # Exponential moving average of the LoRA weights, used for samples and saved as lora_ema/.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     # Continue from a training-state checkpoint: "latest" (in output_dir/state; starts fresh when
@@ -373,6 +376,8 @@ class Config(_Section):
             raise ValueError("eval.every: set eval.fraction (held out from data.path) or eval.path")
         if self.train.blocks_to_swap:
             self._check_block_swap()
+        if self.train.sharding != "none":
+            self._check_sharding()
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
             raise ValueError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} must be below train.max_steps "
@@ -392,6 +397,19 @@ class Config(_Section):
         if self.sample.every:
             raise ValueError(f"sample.every: in-training samples would load the whole transformer onto the GPU, "
                              f"which {swap} is there to avoid; set sample.every=0 and render with fluxtune generate")
+
+    def _check_sharding(self):
+        """What sharding cannot run with: each moves or wraps the weights that sharding splits."""
+        fsdp = f"train.sharding ({self.train.sharding})"
+        if self.train.blocks_to_swap:
+            raise ValueError(f"train.blocks_to_swap: cannot be combined with {fsdp}; sharding already spreads "
+                             "the weights over the GPUs, so set train.blocks_to_swap=0")
+        if self.model.quantize != "none":
+            raise ValueError(f"model.quantize: {self.model.quantize} cannot be combined with {fsdp} yet; shard "
+                             "the base (train.sharding=fsdp, model.quantize=none) or quantize it on each GPU "
+                             "(train.sharding=none)")
+        if self.train.compile:
+            raise ValueError(f"train.compile: cannot be combined with {fsdp} yet; set train.compile=false")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

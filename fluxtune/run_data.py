@@ -112,7 +112,8 @@ def prepare_data(cfg: Config, family, accelerator):
     entries, stats = _shared_cache(family, items + held_out, cache_dir, d.resolution, accelerator,
                                    sizes=sizes, captions=settings is None)
     sampler = None
-    if cfg.sample.every and accelerator.is_main_process:
+    # Under sharding every process takes part in each sampling forward pass, so each needs the prompts.
+    if cfg.sample.every and (accelerator.is_main_process or cfg.train.sharding != "none"):
         prompts = cfg.sample.resolved_prompts()
         *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
         sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,

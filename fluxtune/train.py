@@ -56,6 +56,7 @@ from fluxtune.optim import make_optimizer, require_optimizer
 from fluxtune.quantize import enable_input_grads, require_quantization
 from fluxtune.run_data import cache_captions, make_loader, prepare_data, report_buckets
 from fluxtune.sampling import TrainingSampler, image_grid
+from fluxtune.sharding import average_gradients, shard_base
 from fluxtune.tracking import make_tracker
 
 log = logging.getLogger("fluxtune")
@@ -107,6 +108,7 @@ class _Run:
     position: tuple[int, int] = (0, 0)  # (epoch, batches done in it): where the data order resumes
     dataset: dict = field(default_factory=dict)  # size and content hash, for the LoRA's header
     skipped_steps: int = 0
+    sharded: bool = False  # train.sharding split the base over the processes (fluxtune/sharding.py)
 
     @property
     def main(self) -> bool:
@@ -115,6 +117,11 @@ class _Run:
     @property
     def model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.transformer)
+
+    def autocast(self):
+        """Mixed precision for a forward pass: accelerate put it inside a model it prepared; a
+        sharded model it did not prepare gets it here."""
+        return self.accelerator.autocast() if self.sharded else contextlib.nullcontext()
 
 
 def train(cfg: Config) -> RunResult:
@@ -164,14 +171,16 @@ def train(cfg: Config) -> RunResult:
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
     # the LoRA's initial weights must not depend on the cache.
     set_seed(cfg.train.seed)
-    transformer, params, swapping = _lora_model(cfg, family, weight_dtype, accelerator)
+    transformer, params, placement = _lora_model(cfg, family, weight_dtype, accelerator)
     optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                **cfg.optim.own_settings())
     if isinstance(order, BucketBatchSampler) and accelerator.is_main_process:
         report_buckets(order.summary(), out)
-    # Swapped blocks keep their weights on the CPU: accelerate must not move the model (None: its default).
-    transformer, optimizer, loader = accelerator.prepare(
-        transformer, optimizer, loader, device_placement=[False if swapping else None, None, None])
+    if placement == "sharded":  # already split and placed; accelerate must not wrap it for data parallel
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:  # swapped blocks keep their weights on the CPU: accelerate must not move the model
+        transformer, optimizer, loader = accelerator.prepare(
+            transformer, optimizer, loader, device_placement=[False if placement == "swapped" else None, None, None])
     run = _Run(
         cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
         tracker, out, weight_dtype,
@@ -179,6 +188,7 @@ def train(cfg: Config) -> RunResult:
         order=order, resume_from=resume_from,
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=data.sampler,
         eval_set=CachedDataset(data.eval_entries) if data.eval_entries else None, dataset=data.identity,
+        sharded=placement == "sharded",
     )
 
     final_loss, eval_loss = _loop(run)
@@ -204,12 +214,13 @@ MIN_FREE_BYTES = 512 * 2**20
 
 
 def _refuse_sharding(accelerator) -> None:
-    """Saving, sampling and evaluation run on the main process only, which under parameter
-    sharding (FSDP, DeepSpeed ZeRO-3) would wait forever for the other ranks. Say so at once."""
+    """fluxtune shards the base itself (train.sharding, fluxtune/sharding.py); accelerate's own
+    FSDP, DeepSpeed and Megatron modes wrap the model in ways the recipe does not handle."""
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"accelerate is set up for {kind}, which fluxtune does not support yet; use data parallel "
-                        "(configs/accelerate/ddp.yaml) and, when the base does not fit one GPU, model.quantize")
+        raise UserError(f"accelerate is set up for {kind}, which fluxtune does not use: launch with a plain "
+                        "multi-process config (configs/accelerate/ddp.yaml) and set train.sharding=fsdp to split "
+                        "the base across the GPUs (or model.quantize to shrink it on each)")
 
 
 def _check_output_dir(out: Path) -> None:
@@ -231,10 +242,12 @@ def _check_output_dir(out: Path) -> None:
 
 def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, accelerator):
     """The transformer with its LoRA on the accelerator's device, except the frozen weights of
-    swapped blocks (train.blocks_to_swap). Returns (transformer, LoRA parameters, swapping?)."""
+    swapped blocks (train.blocks_to_swap) and those of other processes' shards (train.sharding).
+    Returns (transformer, LoRA parameters, placement: "whole", "swapped" or "sharded")."""
     transformer = family.load_transformer(weight_dtype)
     swap = _blocks_to_swap(cfg, transformer, accelerator)
-    if not swap:  # with swap, BlockSwap moves all but the swapped weights: the whole model may not fit
+    shard = _sharding(cfg, accelerator)
+    if not (swap or shard):  # swap and sharding place the weights themselves: the whole model may not fit
         transformer = transformer.to(accelerator.device)
     params = add_lora(
         transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
@@ -251,8 +264,21 @@ def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, accelerator):
             enable_input_grads(transformer)
     if cfg.train.compile:
         compile_blocks(transformer)
+    if shard:
+        shard_base(transformer, params, accelerator.device)
     transformer.train()
-    return transformer, params, bool(swap)
+    return transformer, params, "sharded" if shard else "swapped" if swap else "whole"
+
+
+def _sharding(cfg: Config, accelerator) -> bool:
+    if cfg.train.sharding == "none":
+        return False
+    if accelerator.num_processes == 1:
+        log.info("train.sharding=%s with one process: nothing to split it over; the base stays whole. Launch "
+                 "several processes with accelerate launch to shard it", cfg.train.sharding)
+        return False
+    log.info("train.sharding=%s: the base is split over %d processes", cfg.train.sharding, accelerator.num_processes)
+    return True
 
 
 def _blocks_to_swap(cfg: Config, transformer, accelerator) -> int:
@@ -337,7 +363,7 @@ def _loop(run: _Run) -> tuple[float, dict]:
             tick, losses, bad = time.perf_counter(), [], False
             for _ in range(t.grad_accum):
                 epoch, done, batch = next(batches)
-                with acc.accumulate(run.transformer):
+                with acc.accumulate(run.transformer), run.autocast():
                     gens = _sample_generators(t.seed, epoch, batch)
                     loss = batch_loss(run.family, run.transformer, batch, generator=gens, device=acc.device,
                                       sigma_sampling=sigma_sampling, guidance=run.guidance)
@@ -346,6 +372,8 @@ def _loop(run: _Run) -> tuple[float, dict]:
                     if not bad:
                         acc.backward(loss)
                     if acc.sync_gradients:
+                        if run.sharded:  # the LoRA is outside what accelerate wrapped: average it here
+                            average_gradients(run.params)
                         grad_norm = float(acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or math.inf))
                         bad = bad or not math.isfinite(grad_norm)
                         if not bad:
@@ -455,8 +483,9 @@ def _after_step(run: _Run, step: int, window: list[dict], metrics) -> dict | Non
         window.clear()
     eval_loss = None
     if run.eval_set is not None and cfg.eval.every and (step % cfg.eval.every == 0 or last):
-        eval_loss = evaluation_loss(run.family, run.transformer, run.eval_set, sigmas=cfg.eval.sigmas,
-                                    seed=cfg.eval.seed, guidance=run.guidance, device=run.accelerator.device)
+        with run.autocast():
+            eval_loss = evaluation_loss(run.family, run.transformer, run.eval_set, sigmas=cfg.eval.sigmas,
+                                        seed=cfg.eval.seed, guidance=run.guidance, device=run.accelerator.device)
         run.tracker.log(eval_loss, step)
         if metrics:
             metrics.write(json.dumps({"step": step, **eval_loss}) + "\n")
@@ -469,11 +498,15 @@ def _after_step(run: _Run, step: int, window: list[dict], metrics) -> dict | Non
 
 
 def _sample(run: _Run, step: int) -> None:
-    if not run.main or run.sampler is None:
+    """The main process renders and writes; under sharding every process renders (each forward
+    needs all of them) and the others drop their copy."""
+    if run.sampler is None or not (run.main or run.sharded):
         return
     with run.ema.applied() if run.ema else contextlib.nullcontext():
         with run.accelerator.autocast():
             results = run.sampler.render(run.model, run.weight_dtype, run.accelerator.device)
+    if not run.main:
+        return
     folder = run.out / "samples"
     folder.mkdir(exist_ok=True)
     images, captions = [r[0] for r in results], [r[1] for r in results]

@@ -54,6 +54,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_models, ph
     out = tmp_path / "ddp"
     launch_two(settings(model, photos, out, cache, batch_size=2))
     assert same_on_both_ranks(out)
+    base = json.loads((out / "rank1-base.json").read_text())
+    assert base["held"] == base["total"]  # data parallel: every rank holds the whole base
     saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     one = load_file(single.lora_path)
     assert saved.keys() == one.keys()
@@ -82,6 +84,38 @@ def test_two_processes_with_uneven_buckets_finish_every_epoch_together(tiny_mode
     buckets = json.loads((out / "buckets.json").read_text())
     assert buckets["processes"] == 2 and set(buckets["buckets"]) == {"64x64", "80x48"}
     assert buckets["batches_per_epoch"] == 4 and buckets["batches_repeated_for_even_ranks"] == 1
+
+
+def test_sharded_base_trains_like_one_process_and_every_rank_joins_sampling_and_eval(tiny_models, photos, tmp_path):
+    """train.sharding=fsdp: each rank holds half of every frozen weight, the LoRA stays whole and its
+    gradients are averaged. With checkpointing, in-training samples and eval (forward passes every
+    rank must join) the run finishes, and equals one process with the same global batch."""
+    model = tiny_models("flux2-klein")
+    cache = tmp_path / "cache"
+    extra = {"train.gradient_checkpointing": "true", "eval.fraction": 0.25, "eval.every": 2,
+             "sample.every": 2, "sample.steps": 2, "sample.prompts": "[a photo]", "data.repeats": 4}
+    single = train(load_config(None, settings(model, photos, tmp_path / "single", cache, batch_size=4, **extra)))
+
+    out = tmp_path / "fsdp"
+    launch_two(settings(model, photos, out, cache, batch_size=2, **extra, **{"train.sharding": "fsdp"}))
+    assert same_on_both_ranks(out)
+    for rank in (0, 1):  # each holds half of the frozen weights (dim 0 split, odd rows padded)
+        base = json.loads((out / f"rank{rank}-base.json").read_text())
+        assert 0.45 * base["total"] < base["held"] < 0.55 * base["total"], base
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    one = load_file(single.lora_path)
+    assert saved.keys() == one.keys()
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
+    for key in one:
+        torch.testing.assert_close(saved[key], one[key], atol=1e-5, rtol=1e-4)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    single_rows = [json.loads(line) for line in (single.output_dir / "metrics.jsonl").read_text().splitlines()]
+    single_evals = {r["step"]: r["eval/loss"] for r in single_rows if "eval/loss" in r}
+    assert evals.keys() == single_evals.keys() == {2, 4}
+    for step in evals:
+        assert abs(evals[step] - single_evals[step]) < 1e-4
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png", "step-000004.png"]
 
 
 ROOT = Path(__file__).parent.parent
@@ -114,7 +148,7 @@ def test_slurm_script_launches_one_process_per_gpu_on_every_node():
     assert missing.returncode != 0 and "SLURM_JOB_NUM_NODES" in missing.stderr
 
 
-def test_parameter_sharding_is_refused_with_advice():
+def test_accelerate_sharding_modes_are_refused_with_advice():
     from types import SimpleNamespace
 
     import pytest
@@ -124,6 +158,17 @@ def test_parameter_sharding_is_refused_with_advice():
     from fluxtune.train import _refuse_sharding
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
+        with pytest.raises(UserError, match="configs/accelerate/ddp.yaml.*train.sharding=fsdp"):
             _refuse_sharding(SimpleNamespace(distributed_type=kind))
     _refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+def test_sharding_refuses_settings_that_move_the_weights_it_splits():
+    import pytest
+
+    base = ["output_dir=o", "model.path=m", "data.path=d", "train.sharding=fsdp"]
+    for extra, key in [("train.blocks_to_swap=2", "train.blocks_to_swap"), ("model.quantize=nf4", "model.quantize"),
+                       ("train.compile=true", "train.compile")]:
+        with pytest.raises(ValueError, match=key):
+            load_config(None, base + [extra])
+    assert load_config(None, base).train.sharding == "fsdp"

@@ -1,6 +1,7 @@
 """Run by `accelerate launch` in tests: trains with the given overrides, then every rank saves its
-own copy of the LoRA weights to <output_dir>/rank<i>.safetensors and its cache counts to
-<output_dir>/rank<i>-cache.json, so a test can compare ranks.
+own copy of the LoRA weights to <output_dir>/rank<i>.safetensors, its cache counts to
+<output_dir>/rank<i>-cache.json and how many base weights it holds to <output_dir>/rank<i>-base.json,
+so a test can compare ranks.
 
     accelerate launch ... tests/workers/train_rank.py key=value ...
 """
@@ -26,3 +27,7 @@ rank = PartialState().process_index
 weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(result.transformer).items()}
 save_file(weights, str(Path(cfg.output_dir) / f"rank{rank}.safetensors"))
 (Path(cfg.output_dir) / f"rank{rank}-cache.json").write_text(json.dumps(asdict(result.cache)))
+# How much of the frozen base this rank holds (all of it unless train.sharding split it).
+frozen = [p for n, p in result.transformer.named_parameters() if "lora_" not in n]
+held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+(Path(cfg.output_dir) / f"rank{rank}-base.json").write_text(json.dumps({"held": held, "total": sum(p.numel() for p in frozen)}))
