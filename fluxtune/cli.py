@@ -78,7 +78,7 @@ def _plan(args) -> int:
     from fluxtune.plan import plan
 
     cfg = load_config(args.config, args.overrides)
-    print(plan(cfg).table(args.gpu_memory))
+    print(plan(cfg, gpus=args.gpus).table(args.gpu_memory))
     return 0
 
 
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value (value parsed as YAML)")
     p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
                    help="the GPU's memory, e.g. 24GB (GB = GiB); default: verdicts for 16, 24, 48 and 80 GB")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="processes the run will be launched with; with train.sharding=fsdp each GPU holds 1/N "
+                        "of the base (default 1)")
     p.set_defaults(fn=_plan)
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline for tests and demos")

@@ -139,6 +139,7 @@ class Shapes:
     lora_layers: tuple[tuple[tuple[int, int], int], ...]  # ((in, out), how many)
     encoders: tuple[Encoder, ...] = ()
     vae: Encoder | None = None
+    outside_blocks: int = 0  # embedders, final norm and projection: gathered for the whole forward under FSDP
 
     def lora_params(self, rank: int) -> int:
         return sum(rank * (i + o) * n for (i, o), n in self.lora_layers)
@@ -158,15 +159,16 @@ class Settings:
     quantize: str
     quantize_text_encoders: str
     rank: int
-    fsdp_gpus: int = 1
+    fsdp_gpus: int = 1  # train.sharding=fsdp over this many processes; 1: every GPU holds the whole base
 
     @property
     def dtype_bytes(self) -> int:
         return 4 if self.precision == "no" else 2
 
 
-def settings_of(cfg) -> Settings:
-    """mixed_precision auto is bf16 here: the plan is for a GPU, where auto means bf16."""
+def settings_of(cfg, gpus: int = 1) -> Settings:
+    """mixed_precision auto is bf16 here: the plan is for a GPU, where auto means bf16. `gpus`: the
+    processes the run is launched with, which matters only when train.sharding splits the base."""
     precision = "bf16" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
     return Settings(
         resolution=cfg.data.resolution, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
@@ -175,6 +177,7 @@ def settings_of(cfg) -> Settings:
         # Read so that a schema without the quantization keys works too.
         quantize=getattr(cfg.model, "quantize", "none"),
         quantize_text_encoders=getattr(cfg.model, "quantize_text_encoders", "none"), rank=cfg.lora.rank,
+        fsdp_gpus=gpus if getattr(cfg.train, "sharding", "none") != "none" else 1,
     )
 
 
@@ -213,7 +216,7 @@ def read_shapes(model_cfg, lora_cfg) -> Shapes:
         double_blocks=len(transformer.transformer_blocks), single_blocks=len(transformer.single_transformer_blocks),
         text_tokens=family.max_sequence_length, transformer=_weights(transformer, quantizable),
         largest_quantizable=max((mod.weight.numel() for mod in quantizable), default=0), largest_block=max(map(_numel, blocks)),
-        lora_layers=tuple(sorted(lora.items())),
+        lora_layers=tuple(sorted(lora.items())), outside_blocks=_numel(transformer) - sum(map(_numel, blocks)),
         encoders=tuple(p for p in parts if p.name != "vae"), vae=next((p for p in parts if p.name == "vae"), None),
     )
 
@@ -333,8 +336,9 @@ def _state_bytes(name: str, rows: int, cols: int, momentum: bool, zero: bool) ->
 def training_phase(shapes: Shapes, s: Settings) -> dict[str, int]:
     """GPU bytes of the training step, per component. LoRA gradients are listed in full although
     most are allocated while backward frees activations (a little conservative). With FSDP over n
-    GPUs, weights, LoRA and optimizer state are sharded, and each GPU also holds the all-gathered
-    block being computed and the next one (prefetch)."""
+    GPUs (train.sharding) the frozen weights are split n ways; each GPU also holds the weights
+    outside the blocks, gathered for the whole forward, and two gathered blocks (the one computing
+    and the next). The LoRA, its gradients and optimizer state stay whole on every GPU."""
     lora = shapes.lora_params(s.rank)
     quant = f", {s.quantize}" if s.quantize in QUANTIZED_BYTES else ""
     rows = {
@@ -344,8 +348,10 @@ def training_phase(shapes: Shapes, s: Settings) -> dict[str, int]:
         f"optimizer state ({s.optimizer})": optimizer_bytes(shapes, s),
     }
     if s.fsdp_gpus > 1:
-        rows = {name: value // s.fsdp_gpus for name, value in rows.items()}
-        rows["FSDP: 2 gathered blocks"] = 2 * shapes.largest_block * s.dtype_bytes
+        whole, *rest = rows.items()
+        rows = {f"transformer weights ({_dtype_name(s)}, 1/{s.fsdp_gpus} per GPU)": whole[1] // s.fsdp_gpus,
+                "FSDP: gathered non-block weights + 2 blocks": (shapes.outside_blocks + 2 * shapes.largest_block)
+                * s.dtype_bytes, **dict(rest)}
     ckpt = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
     rows[f"activations ({s.resolution}px, batch {s.batch_size}, {ckpt})"] = activation_bytes(shapes, s)
     return rows | {_OVERHEAD_ROW: CUDA_OVERHEAD}
@@ -440,10 +446,11 @@ class Plan:
         return render(self, [gpu_memory] if gpu_memory else [c * GIB for c in DEFAULT_CARDS_GIB])
 
 
-def plan(cfg) -> Plan:
-    """Predict the memory of training `cfg` (a fluxtune Config); loads no weights."""
+def plan(cfg, gpus: int = 1) -> Plan:
+    """Predict the memory of training `cfg` (a fluxtune Config) launched on `gpus` processes; loads
+    no weights."""
     shapes = read_shapes(cfg.model, cfg.lora)
-    return predict(shapes, settings_of(cfg), cfg.model.path)
+    return predict(shapes, settings_of(cfg, gpus), cfg.model.path)
 
 
 def predict(shapes: Shapes, s: Settings, model: str = "") -> Plan:
@@ -482,19 +489,18 @@ def suggest(shapes: Shapes, s: Settings, card_bytes: int) -> list[Suggestion]:
             current = trial
         if found[-1].peak <= card_bytes and available:
             return found
-    return found + _fsdp(shapes, replace(current, quantize=s.quantize), card_bytes)
+    return found + _fsdp(shapes, current, card_bytes)
 
 
 def _fsdp(shapes: Shapes, s: Settings, card_bytes: int, most: int = 8) -> list[Suggestion]:
-    """The fewest GPUs of this size that FSDP (accelerate launch with an FSDP config) would need,
-    with the base in the run's dtype."""
-    without = "" if s.quantize in QUANTIZED_BYTES else ", no quantization"
-    for gpus in range(2, most + 1):
+    """The fewest GPUs of this size that train.sharding=fsdp needs, with the base unquantized
+    (sharding does not combine with model.quantize)."""
+    s = replace(s, quantize="none")
+    for gpus in range(max(2, s.fsdp_gpus), most + 1):
         peak = training_peak(shapes, replace(s, fsdp_gpus=gpus))
         if peak <= card_bytes:
-            # fluxtune refuses parameter sharding for now (see train._refuse_sharding): a figure, not a recipe
-            return [Suggestion(f"multi-GPU FSDP over {gpus} such GPUs{without} (per GPU)", peak, available=False)]
-    return [Suggestion(f"nothing above fits; FSDP over {most} such GPUs{without} needs per GPU",
+            return [Suggestion(f"train.sharding=fsdp model.quantize=none over {gpus} such GPUs (per GPU)", peak)]
+    return [Suggestion(f"nothing above fits; train.sharding=fsdp over {most} such GPUs needs per GPU",
                        training_peak(shapes, replace(s, fsdp_gpus=most)), available=False)]
 
 
@@ -545,6 +551,9 @@ def _notes(s: Settings) -> list[str]:
     if s.precision == "fp16":
         notes.append("mixed_precision fp16: transformers keeps some text-encoder layers in fp32 (T5's wo, "
                      "1B parameters): caching captions needs up to 2 GiB more than shown")
+    if s.fsdp_gpus > 1:
+        notes.append(f"train.sharding over {s.fsdp_gpus} processes: host RAM is per process, and each loads the "
+                     "whole transformer before splitting it; a machine running k processes needs k times that row")
     if s.quantize in ("int8", "fp8"):
         notes.append(f"model.quantize={s.quantize}: activations measured without it; int8 layers also keep "
                      "their inputs for backward, so expect more")
@@ -632,14 +641,12 @@ def warn_if_too_big(cfg) -> None:
     """At the start of train() on a CUDA machine: warn when the predicted peak exceeds the GPU.
 
     Advice only, so it never stops a run: a planner failure is logged and training goes on. Under
-    FSDP the single-GPU figure does not apply, and only the first process speaks.
+    train.sharding the figure is per GPU over the launched processes; only the first process speaks.
     """
     if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return
     try:
-        p = plan(cfg)
+        p = plan(cfg, gpus=int(os.environ.get("WORLD_SIZE", "1")))
         total = torch.cuda.get_device_properties(0).total_memory
         if p.peak > total:
             first = next(iter(p.suggestions(total)), None)

@@ -105,9 +105,27 @@ def test_flux2_dev_plan(real_shapes, capsys):
     # 24 GB: a 4-bit base (and a 4-bit text encoder while caching); 16 GB: only several GPUs.
     assert p.suggestions(24 * GIB)[-1].change == "model.quantize=nf4"
     assert "model.quantize_text_encoders=nf4 brings it to" in p.table(24 * GIB)
-    last = p.suggestions(16 * GIB)[-1]
-    assert last.change.startswith("multi-GPU FSDP over") and not last.available  # sharding is refused for now
-    assert "would fit; not in fluxtune yet" in p.table(16 * GIB)
+    # Between a 4-bit base (20.8 GiB) and FSDP over 8 GPUs (16.3 GiB): on 18 GB cards, sharding over 7.
+    last = p.suggestions(18 * GIB)[-1]
+    assert last.change == "train.sharding=fsdp model.quantize=none over 7 such GPUs (per GPU)" and last.available
+    assert 16 * GIB < last.peak <= 18 * GIB
+    assert p.suggestions(16 * GIB)[-1].change.startswith("nothing above fits; train.sharding=fsdp over 8")
+
+
+def test_sharded_plan_splits_only_the_frozen_weights(real_shapes):
+    """train.sharding=fsdp over 4 GPUs: a quarter of FLUX.2-dev's weights per GPU plus the gathered
+    pieces; LoRA, optimizer state and activations are the same as on one GPU."""
+    cfg = load_config(ROOT / "configs/flux2-dev.yaml", [f"model.path={real_shapes['flux2-dev']}", "train.sharding=fsdp",
+                                                      "model.quantize=none"])
+    one, four = plan(cfg), plan(cfg, gpus=4)
+    whole = _rows(one, "training", "transformer weights (bf16)")
+    assert _rows(four, "training", "transformer weights (bf16, 1/4 per GPU)") == pytest.approx(whole / 4, rel=1e-6)
+    gathered = _rows(four, "training", "FSDP: gathered")
+    assert 0 < gathered < 0.1 * whole
+    for row in ("LoRA weights", "optimizer state", "activations"):
+        assert _rows(four, "training", row) == _rows(one, "training", row)
+    assert four.totals["training"] < one.totals["training"] - 0.7 * whole
+    assert "each loads the whole transformer" in four.table()
 
 
 def test_hub_id_without_cached_configs_fails_clearly():
