@@ -4,12 +4,15 @@
     python scripts/bench_train.py --model /tmp/k --resolution 256 --steps 20
     python scripts/bench_train.py --arch flux1-dev --layers-scale 0.05 --resolution 256 --steps 3   # CPU-sized
     python scripts/bench_train.py --arch flux1-dev --resolution 1024 --checkpointing --json bench.json  # GPU
+    python scripts/bench_train.py --arch flux1-dev --resolution 1024 --checkpointing --quantize nf4    # GPU
 
 --model takes a diffusers pipeline folder (or hub id); --arch builds the official transformer config
 of a real model with random weights (nothing is downloaded), and --layers-scale shrinks its depth while
 keeping its width. Inputs are random tensors shaped like the trainer's cached latents and text
 embeddings; each step is the trainer's own: family.pack -> flow noise -> family.predict -> flow_loss
 -> backward -> AdamW. On CUDA: bf16 weights, fp32 LoRA, bf16 autocast. FLOPs: see step_flops.
+--quantize loads the base the way training does (model.quantize): with --arch the random weights are
+first written as a transformer checkpoint in a temporary folder, then loaded through the family.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 from fluxtune import flow
 from fluxtune.families import load_family
 from fluxtune.lora import add_lora, resolve_targets
+from fluxtune.quantize import enable_input_grads, require_quantization
 
 # Official transformer configs. FLUX.2 fields left out (mlp_ratio=3.0, rope_theta=2000, eps=1e-6,
 # timestep_guidance_channels=256, patch_size=1) are diffusers' Flux2Transformer2DModel defaults, which
@@ -75,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, help="text tokens (default: the family's max_sequence_length)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="base weights (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantize", choices=["none", "nf4", "int8", "fp8"], default="none",
+                   help="quantize the base's blocks as model.quantize does (nf4/int8 need CUDA)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="device peak for MFU on CUDA (default 989: H100 SXM dense bf16, spec sheet)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -83,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--resolution must be a multiple of 16, --steps at least 1, --warmup not negative")
     if args.model and args.layers_scale != 1.0:
         p.error("--layers-scale applies to --arch only")
+    try:
+        require_quantization(args.quantize, "none")
+    except Exception as e:  # e.g. nf4 without a CUDA GPU, or bitsandbytes missing
+        p.error(str(e))
     return args
 
 
@@ -92,17 +102,34 @@ def arch_family(name: str, scale: float, text_len: int | None):
     load_family reads the configs from a throwaway folder holding only them (no weights), so --arch
     runs exactly the family code of --model: pack, predict, guidance, LoRA targets.
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        tcfg = write_arch_configs(name, scale, Path(tmp))
+        return load_family(tmp, max_sequence_length=text_len), tcfg
+
+
+def write_arch_configs(name: str, scale: float, folder: Path) -> dict:
+    """model_index.json and the (scaled) transformer and text-encoder configs; returns the transformer's."""
     pipeline, tcfg, text_cfg = ARCHS[name]
     tcfg = {**tcfg, "num_layers": max(1, round(tcfg["num_layers"] * scale)),
             "num_single_layers": max(1, round(tcfg["num_single_layers"] * scale))}
     files = {"model_index.json": {"_class_name": pipeline}, "transformer/config.json": tcfg}
     if text_cfg:
         files["text_encoder/config.json"] = text_cfg
+    for rel, content in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(json.dumps(content), encoding="utf-8")
+    return tcfg
+
+
+def quantized_arch(args, dtype: torch.dtype):
+    """--arch with --quantize: random weights written as a checkpoint (on the CPU, in `dtype`), then
+    loaded through the family with model.quantize, as a training run loads a real one."""
+    family, config = arch_family(args.arch, args.layers_scale, args.text_len)
     with tempfile.TemporaryDirectory() as tmp:
-        for rel, content in files.items():
-            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / rel).write_text(json.dumps(content), encoding="utf-8")
-        return load_family(tmp, max_sequence_length=text_len), tcfg
+        write_arch_configs(args.arch, args.layers_scale, Path(tmp))
+        random_transformer(family, config, torch.device("cpu"), dtype).save_pretrained(Path(tmp) / "transformer")
+        family = load_family(tmp, max_sequence_length=args.text_len, dtype=dtype, quantize=args.quantize)
+        return family, family.load_transformer(dtype), config
 
 
 def random_transformer(family, config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -127,21 +154,29 @@ def random_transformer(family, config: dict, device: torch.device, dtype: torch.
 
 def build(args, device: torch.device, dtype: torch.dtype):
     """-> family, transformer with LoRA (train mode), LoRA parameters, a description of the model."""
-    if args.arch:
+    if args.arch and args.quantize != "none":
+        family, transformer, config = quantized_arch(args, dtype)
+        transformer = transformer.to(device)
+    elif args.arch:
         family, config = arch_family(args.arch, args.layers_scale, args.text_len)
         transformer = random_transformer(family, config, device, dtype)
+    if args.arch:
         full = ARCHS[args.arch][1]
         label = f"{args.arch} architecture, random weights"
         if args.layers_scale != 1.0:
             label += (f", SCALED by --layers-scale {args.layers_scale}: {config['num_layers']} of {full['num_layers']} double"
                       f" + {config['num_single_layers']} of {full['num_single_layers']} single blocks (figures are for this)")
     else:
-        family = load_family(args.model, max_sequence_length=args.text_len)
+        family = load_family(args.model, max_sequence_length=args.text_len, dtype=dtype, quantize=args.quantize)
         transformer = family.load_transformer(dtype).to(device)
         label = f"{args.model} ({family.name})"
+    if args.quantize != "none":
+        label += f", base quantized {args.quantize}"
     params = add_lora(transformer, rank=args.rank, alpha=args.rank, targets=resolve_targets(family, "attention"))
     if args.checkpointing:
         transformer.enable_gradient_checkpointing()
+        if args.quantize != "none":
+            enable_input_grads(transformer)
     return family, transformer.train(), params, label
 
 
@@ -238,7 +273,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 def report(f: dict) -> None:
     recompute = f", {f['hardware_flops_per_step']:.3e} with recompute" if f["checkpointing"] else ""
     lines = [
-        f"device      {f['device']}, {f['dtype']} weights, fp32 LoRA",
+        f"device      {f['device']}, {f['dtype']} weights"
+        f"{'' if f.get('quantize', 'none') == 'none' else ', blocks ' + f['quantize']}, fp32 LoRA",
         f"model       {f['model']}",
         f"params      {f['params_total'] / 1e6:.4g}M total, {f['params_lora'] / 1e6:.4g}M LoRA (rank {f['rank']}, attention)",
         f"input       {f['resolution']}x{f['resolution']}, batch {f['batch']}, {f['image_tokens']} image + {f['text_tokens']}"
@@ -279,7 +315,7 @@ def main(argv=None) -> dict:
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
-        "dtype": dtype_name, "model": label, "arch": args.arch, "layers_scale": args.layers_scale,
+        "dtype": dtype_name, "quantize": args.quantize, "model": label, "arch": args.arch, "layers_scale": args.layers_scale,
         "params_total": sum(p.numel() for p in transformer.parameters()), "params_lora": sum(p.numel() for p in params),
         "rank": args.rank, "resolution": args.resolution, "batch": args.batch, "checkpointing": args.checkpointing,
         "image_tokens": image_tokens, "text_tokens": text_tokens, "steps": args.steps, "warmup": args.warmup,

@@ -76,3 +76,21 @@ def test_data_benchmark_reports_every_stage(capsys):
     for stage in ["validate (full decode)", "scan (header checks)", "bucket", "cache, cold", "cache, warm"]:
         line = next(line for line in out.splitlines() if line.startswith(stage))
         assert "6 images" in line and float(line.split()[-2]) > 0, line
+
+
+def test_bench_quantized_base_loads_through_the_family(bench, tmp_path, capsys):
+    """--quantize with --arch writes the random weights as a checkpoint and loads them the way
+    training does; fp8 (torchao) runs on a CPU, nf4/int8 stop at once without a GPU."""
+    figures = _run(bench, tmp_path / "fp8.json", "--arch", "flux2-klein-4b", "--layers-scale", "0.05",
+                   "--resolution", "32", "--text-len", "8", "--steps", "1", "--warmup", "0", "--quantize", "fp8")
+    assert figures["quantize"] == "fp8" and "base quantized fp8" in figures["model"]
+    assert "blocks fp8" in capsys.readouterr().out
+    tiny = make_tiny("flux2-klein", tmp_path / "klein")
+    _, transformer, _, _ = bench.build(bench.parse_args(["--model", str(tiny), "--quantize", "fp8"]),
+                                       torch.device("cpu"), torch.float32)
+    weight = transformer.transformer_blocks[0].attn.to_q.base_layer.weight  # LoRA wraps the quantized Linear
+    assert type(weight).__name__ == "Float8Tensor" and weight.qdata.dtype == torch.float8_e4m3fn
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--arch", "flux1-dev", "--quantize", "nf4"])
+        assert "needs a CUDA GPU" in capsys.readouterr().err
