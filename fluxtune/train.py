@@ -369,7 +369,9 @@ def _loop(run: _Run) -> tuple[float, dict]:
                                       sigma_sampling=sigma_sampling, guidance=run.guidance)
                     losses.append(loss.detach().item())  # the one host sync for the loss
                     bad = bad or not math.isfinite(losses[-1])
-                    if not bad:
+                    # With several processes every one must join backward (its collectives would wait
+                    # forever otherwise); a NaN there reaches every rank's gradients, so all skip the step.
+                    if not bad or acc.num_processes > 1:
                         acc.backward(loss)
                     if acc.sync_gradients:
                         if run.sharded:  # the LoRA is outside what accelerate wrapped: average it here

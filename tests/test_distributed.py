@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import pytest
 from safetensors.torch import load_file
 
 from fluxtune.config import load_config
@@ -33,7 +34,7 @@ def settings(model, photos, out, cache, batch_size, **extra):
 
 
 def launch_two(args, env_extra=None):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER)]
     proc = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
@@ -133,6 +134,18 @@ def test_sharded_bf16_run_resumes_bit_for_bit(tiny_models, photos, tmp_path):
     assert all(v.dtype == torch.float32 for v in a.values())
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tiny_models, photos, tmp_path, sharding):
+    """Rank 1 alone gets a NaN loss at step 3: both ranks still run backward (whose collectives
+    would otherwise wait forever), both see the NaN gradient and skip that step, and stay equal."""
+    out = tmp_path / "run"
+    launch_two(settings(tiny_models("flux2-klein"), photos, out, tmp_path / "cache", batch_size=2,
+                        **{"train.sharding": sharding}), env_extra={"NAN_ON_RANK": "1"})
+    assert same_on_both_ranks(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
 
 
 ROOT = Path(__file__).parent.parent

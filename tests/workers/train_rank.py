@@ -7,6 +7,7 @@ so a test can compare ranks.
 """
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,18 @@ from fluxtune.train import train
 
 torch.set_num_threads(1)
 cfg = load_config(None, sys.argv[1:])
+if os.environ.get("NAN_ON_RANK"):  # that rank's third loss is NaN, as from a bad batch
+    import fluxtune.train as train_module
+
+    real_loss, calls = train_module.batch_loss, {"n": 0}
+
+    def nan_on_third_call(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        hit = calls["n"] == 3 and os.environ["RANK"] == os.environ["NAN_ON_RANK"]
+        return loss * float("nan") if hit else loss
+
+    train_module.batch_loss = nan_on_third_call
 result = train(cfg)
 from accelerate import PartialState  # noqa: E402  (the state exists once train() has run)
 
