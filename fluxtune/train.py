@@ -395,13 +395,27 @@ def _loop(run: _Run) -> tuple[float, dict]:
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{row['lr']:.2e}")
             window.append(row)
             eval_loss = _after_step(run, step, window, metrics) or eval_loss
-            if bad_in_a_row >= t.max_bad_steps or stop.requested:
+            signal_name = _stop_requested(acc, stop.requested)
+            if bad_in_a_row >= t.max_bad_steps or signal_name:
                 _save_state(run, step)
-                _stop(run, step, bad_in_a_row, stop.requested)
+                _stop(run, step, bad_in_a_row, signal_name)
     bar.close()
     if metrics:
         metrics.close()
     return loss_avg, eval_loss
+
+
+def _stop_requested(acc, requested: str | None) -> str | None:
+    """The signal name when this or any other process was asked to stop. Processes get a signal at
+    slightly different moments; all must stop after the same step, or the ones going on would wait
+    forever for the others, and the main one must write the checkpoint."""
+    if acc.num_processes == 1:
+        return requested
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if requested else 0], device=acc.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return requested or ("a signal to another process" if flag.item() else None)
 
 
 def _stop(run: _Run, step: int, bad_in_a_row: int, signal_name: str | None):

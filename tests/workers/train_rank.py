@@ -33,6 +33,20 @@ if os.environ.get("NAN_ON_RANK"):  # that rank's third loss is NaN, as from a ba
         return loss * float("nan") if hit else loss
 
     train_module.batch_loss = nan_on_third_call
+if os.environ.get("SIGTERM_ON_RANK") == os.environ.get("RANK"):  # only this rank is told to stop, during step 2
+    import signal
+
+    import fluxtune.train as train_module
+
+    real_loss, calls = train_module.batch_loss, {"n": 0}
+
+    def signal_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    train_module.batch_loss = signal_on_second_call
 result = train(cfg)
 from accelerate import PartialState  # noqa: E402  (the state exists once train() has run)
 
