@@ -337,8 +337,8 @@ def training_phase(shapes: Shapes, s: Settings) -> dict[str, int]:
     """GPU bytes of the training step, per component. LoRA gradients are listed in full although
     most are allocated while backward frees activations (a little conservative). With FSDP over n
     GPUs (train.sharding) the frozen weights are split n ways; each GPU also holds the weights
-    outside the blocks, gathered for the whole forward, and two gathered blocks (the one computing
-    and the next). The LoRA, its gradients and optimizer state stay whole on every GPU."""
+    outside the blocks and two or three gathered blocks (see _fsdp_gathered). The LoRA, its
+    gradients and optimizer state stay whole on every GPU."""
     lora = shapes.lora_params(s.rank)
     quant = f", {s.quantize}" if s.quantize in QUANTIZED_BYTES else ""
     rows = {
@@ -347,17 +347,30 @@ def training_phase(shapes: Shapes, s: Settings) -> dict[str, int]:
         "LoRA gradients (fp32)": 4 * lora,
         f"optimizer state ({s.optimizer})": optimizer_bytes(shapes, s),
     }
+    activations = activation_bytes(shapes, s)
     if s.fsdp_gpus > 1:
         whole, *rest = rows.items()
         rows = {f"transformer weights ({_dtype_name(s)}, 1/{s.fsdp_gpus} per GPU)": whole[1] // s.fsdp_gpus,
-                "FSDP: gathered non-block weights + 2 blocks": (shapes.outside_blocks + 2 * shapes.largest_block)
-                * s.dtype_bytes, **dict(rest)}
+                "FSDP: gathered weights at the peak": _fsdp_gathered(shapes, s, activations + 4 * lora),
+                **dict(rest)}
     ckpt = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
-    rows[f"activations ({s.resolution}px, batch {s.batch_size}, {ckpt})"] = activation_bytes(shapes, s)
+    rows[f"activations ({s.resolution}px, batch {s.batch_size}, {ckpt})"] = activations
     return rows | {_OVERHEAD_ROW: CUDA_OVERHEAD}
 
 
 _OVERHEAD_ROW = "CUDA context + allocator (assumed)"
+
+
+def _fsdp_gathered(shapes: Shapes, s: Settings, step_tensors: int) -> int:
+    """What FSDP holds gathered at the step's peak, which is one of two moments (measured on CPU
+    with scripts/plan_check.py --sharded). Entering each forward block it holds the non-block
+    weights, the previous block's buffer, this block's buffer and its gathered copy (three
+    blocks), while few activations exist yet. In backward it holds the non-block weights, the
+    block computing and the next one (two), with the activations and LoRA gradients
+    (`step_tensors`) live. The row is what makes the larger of the two on top of the rest."""
+    forward = (shapes.outside_blocks + 3 * shapes.largest_block) * s.dtype_bytes
+    backward = (shapes.outside_blocks + 2 * shapes.largest_block) * s.dtype_bytes
+    return max(backward, forward - step_tensors)
 
 
 def caching_phases(shapes: Shapes, s: Settings) -> tuple[dict[str, int], dict[str, int]]:

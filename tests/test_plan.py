@@ -198,3 +198,38 @@ def test_train_hook_warns_on_a_small_gpu_and_never_fails(real_shapes, monkeypatc
         assert "more than this GPU's 16.0 GiB" in caplog.records[-1].getMessage()
         warn_if_too_big(load_config(ROOT / "configs/flux1-dev.yaml", ["model.path=/nonexistent"]))
         assert "memory plan skipped" in caplog.records[-1].getMessage()
+
+
+# train.sharding=fsdp against what a sharded step really holds per process: two CPU processes over
+# gloo each build the same medium random-weight model as the single-process check, shard it with
+# fluxtune.sharding.shard_base and run the trainer's step (forward, backward, LoRA gradient
+# averaging, optimizer step); each measures its own peak with the profiler. Both cases run in one
+# launch: importing torch, diffusers and peft in each process is most of the time.
+
+SHARDED_CASES = plan_check.sharded_cases()
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+    return plan_check.check_sharded_cases(SHARDED_CASES, processes=2)
+
+
+@pytest.mark.parametrize("index", range(len(SHARDED_CASES)), ids=[c.label() for c in SHARDED_CASES])
+def test_sharded_prediction_within_25_percent_of_each_ranks_peak(sharded_results, index):
+    """Per rank: its shards, the whole LoRA and optimizer state, plus its step's peak (gathered
+    weights, activations, gradients) against the plan for fsdp_gpus=2, less the CUDA overhead row."""
+    mib = 2**20
+    ranks = sharded_results[index]
+    assert [r.rank for r in ranks] == [0, 1]
+    for r in ranks:
+        held = ", ".join(f"{unit} {size / mib:.1f}" for unit, size in r.at_peak.items())
+        phases = ", ".join(f"{name} {peak / mib:.1f} (FSDP {fsdp / mib:.1f})"
+                           for name, (peak, fsdp) in r.phases.items())
+        print(f"{r.case.label()} rank {r.rank}: predicted {r.predicted / mib:.1f} MiB, "
+              f"measured {r.measured / mib:.1f} MiB "
+              f"({100 * r.error:+.1f}%); step adds {r.measured_dynamic / mib:.1f} MiB sharded (plan: "
+              f"{r.predicted_dynamic / mib:.1f}) vs {r.single_dynamic / mib:.1f} MiB in one process; FSDP held at the "
+              f"peak ({r.phase_at_peak}): {held} MiB (plan's gathered row {r.predicted_gathered / mib:.1f}); by phase: "
+              f"{phases} MiB; unbalanced {r.unbalanced / mib:.1f} MiB")
+        assert r.gathered_at_peak > 0  # the measurement saw FSDP gather: the base really was sharded
+        assert abs(r.error) < 0.25
