@@ -174,17 +174,9 @@ def settings_of(cfg, gpus: int = 1) -> Settings:
         resolution=cfg.data.resolution, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
         gradient_checkpointing=cfg.train.gradient_checkpointing, precision=precision, optimizer=cfg.optim.name,
         adafactor_momentum=getattr(cfg.optim, "beta1", None) is not None,
-        # Read so that a schema without the quantization keys works too.
-        quantize=getattr(cfg.model, "quantize", "none"),
-        quantize_text_encoders=getattr(cfg.model, "quantize_text_encoders", "none"), rank=cfg.lora.rank,
-        fsdp_gpus=gpus if getattr(cfg.train, "sharding", "none") != "none" else 1,
+        quantize=cfg.model.quantize, quantize_text_encoders=cfg.model.quantize_text_encoders, rank=cfg.lora.rank,
+        fsdp_gpus=gpus if cfg.train.sharding != "none" else 1,
     )
-
-
-def quantize_available() -> bool:
-    from fluxtune.config import ModelConfig
-
-    return "quantize" in ModelConfig.model_fields
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -418,7 +410,6 @@ def _dtype_name(s: Settings) -> str:
 class Suggestion:
     change: str  # config overrides, or a description when it is not a config key
     peak: int  # predicted training-phase peak with this and every earlier suggestion applied
-    available: bool = True
 
 
 @dataclass
@@ -481,26 +472,22 @@ def suggest(shapes: Shapes, s: Settings, card_bytes: int) -> list[Suggestion]:
     top of the ones before, up to the first with which training fits."""
     steps = []
     if not s.gradient_checkpointing:
-        steps.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}, True))
+        steps.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     if s.optimizer in ("adamw", "prodigy"):
-        steps.append(("optim.name=adamw8bit", {"optimizer": "adamw8bit"}, True))
+        steps.append(("optim.name=adamw8bit", {"optimizer": "adamw8bit"}))
     if s.batch_size > 1:
         steps.append((f"train.batch_size=1 train.grad_accum={s.batch_size * s.grad_accum}",
-                      {"batch_size": 1, "grad_accum": s.batch_size * s.grad_accum}, True))
+                      {"batch_size": 1, "grad_accum": s.batch_size * s.grad_accum}))
     for resolution in (768, 512):
         if s.resolution > resolution:
-            steps.append((f"data.resolution={resolution}", {"resolution": resolution}, True))
+            steps.append((f"data.resolution={resolution}", {"resolution": resolution}))
     if s.quantize != "nf4":
-        available = quantize_available()
-        label = "model.quantize=nf4" + ("" if available else " (not available in fluxtune yet)")
-        steps.append((label, {"quantize": "nf4"}, available))
+        steps.append(("model.quantize=nf4", {"quantize": "nf4"}))
     found, current = [], s
-    for change, values, available in steps:
-        trial = replace(current, **values)
-        found.append(Suggestion(change, training_peak(shapes, trial), available))
-        if available:
-            current = trial
-        if found[-1].peak <= card_bytes and available:
+    for change, values in steps:
+        current = replace(current, **values)
+        found.append(Suggestion(change, training_peak(shapes, current)))
+        if found[-1].peak <= card_bytes:
             return found
     return found + _fsdp(shapes, current, card_bytes)
 
@@ -514,7 +501,7 @@ def _fsdp(shapes: Shapes, s: Settings, card_bytes: int, most: int = 8) -> list[S
         if peak <= card_bytes:
             return [Suggestion(f"train.sharding=fsdp model.quantize=none over {gpus} such GPUs (per GPU)", peak)]
     return [Suggestion(f"nothing above fits; train.sharding=fsdp over {most} such GPUs needs per GPU",
-                       training_peak(shapes, replace(s, fsdp_gpus=most)), available=False)]
+                       training_peak(shapes, replace(s, fsdp_gpus=most)))]
 
 
 # ---------------------------------------------------------------------------- output
@@ -612,8 +599,7 @@ def _verdicts(p: Plan, cards: list[int]) -> list[str]:
         if p.totals["training"] > card:
             lines.append("           try, in this order (each on top of the ones before):")
             for sug in p.suggestions(card):
-                fits = sug.peak <= card
-                mark = ("fits" if sug.available else "would fit; not in fluxtune yet") if fits else "still too big"
+                mark = "fits" if sug.peak <= card else "still too big"
                 lines.append(f"             {sug.change:<60} training {_gib(sug.peak)} GiB, {mark}")
         caching = max(p.totals["cache latents"], p.totals["cache captions"])
         if caching > card:
@@ -623,7 +609,7 @@ def _verdicts(p: Plan, cards: list[int]) -> list[str]:
 
 def _caching_advice(p: Plan, card: int) -> str:
     s = p.settings
-    if s.quantize_text_encoders != "nf4" and quantize_available():
+    if s.quantize_text_encoders != "nf4":
         smaller = predict(p.shapes, replace(s, quantize_text_encoders="nf4"))
         caching = max(smaller.totals["cache latents"], smaller.totals["cache captions"])
         if caching <= card:

@@ -58,8 +58,3 @@ def average_gradients(params: list) -> None:
         p.grad = flat[offset: offset + g.numel()].view_as(g)
         offset += g.numel()
 
-
-def is_sharded(transformer: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(transformer, FSDPModule)

@@ -143,7 +143,7 @@ def train(cfg: Config) -> RunResult:
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
     )
-    _refuse_sharding(accelerator)
+    _refuse_accelerate_sharding(accelerator)
     if accelerator.is_main_process:
         _check_output_dir(out)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -213,7 +213,7 @@ def train(cfg: Config) -> RunResult:
 MIN_FREE_BYTES = 512 * 2**20
 
 
-def _refuse_sharding(accelerator) -> None:
+def _refuse_accelerate_sharding(accelerator) -> None:
     """fluxtune shards the base itself (train.sharding, fluxtune/sharding.py); accelerate's own
     FSDP, DeepSpeed and Megatron modes wrap the model in ways the recipe does not handle."""
     kind = accelerator.distributed_type.value

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -186,21 +187,18 @@ def test_slurm_script_launches_one_process_per_gpu_on_every_node():
 def test_accelerate_sharding_modes_are_refused_with_advice():
     from types import SimpleNamespace
 
-    import pytest
     from accelerate.utils import DistributedType
 
     from fluxtune.errors import UserError
-    from fluxtune.train import _refuse_sharding
+    from fluxtune.train import _refuse_accelerate_sharding
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(UserError, match="configs/accelerate/ddp.yaml.*train.sharding=fsdp"):
-            _refuse_sharding(SimpleNamespace(distributed_type=kind))
-    _refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+            _refuse_accelerate_sharding(SimpleNamespace(distributed_type=kind))
+    _refuse_accelerate_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
 
 
 def test_sharding_refuses_settings_that_move_the_weights_it_splits():
-    import pytest
-
     base = ["output_dir=o", "model.path=m", "data.path=d", "train.sharding=fsdp"]
     for extra, key in [("train.blocks_to_swap=2", "train.blocks_to_swap"), ("model.quantize=nf4", "model.quantize"),
                        ("train.compile=true", "train.compile")]:

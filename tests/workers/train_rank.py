@@ -21,32 +21,27 @@ from fluxtune.train import train
 
 torch.set_num_threads(1)
 cfg = load_config(None, sys.argv[1:])
-if os.environ.get("NAN_ON_RANK"):  # that rank's third loss is NaN, as from a bad batch
-    import fluxtune.train as train_module
-
-    real_loss, calls = train_module.batch_loss, {"n": 0}
-
-    def nan_on_third_call(*args, **kwargs):
-        loss = real_loss(*args, **kwargs)
-        calls["n"] += 1
-        hit = calls["n"] == 3 and os.environ["RANK"] == os.environ["NAN_ON_RANK"]
-        return loss * float("nan") if hit else loss
-
-    train_module.batch_loss = nan_on_third_call
-if os.environ.get("SIGTERM_ON_RANK") == os.environ.get("RANK"):  # only this rank is told to stop, during step 2
+# A fault a test injects on one rank, at that rank's n-th loss: NaN (as from a bad batch) or SIGTERM.
+FAULTS = {"NAN_ON_RANK": 3, "SIGTERM_ON_RANK": 2}
+faults = [(name, at) for name, at in FAULTS.items() if os.environ.get(name) == os.environ.get("RANK")]
+if faults:
     import signal
 
     import fluxtune.train as train_module
 
+    (fault, at), = faults
     real_loss, calls = train_module.batch_loss, {"n": 0}
 
-    def signal_on_second_call(*args, **kwargs):
+    def faulty_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == at and fault == "NAN_ON_RANK":
+            return loss * float("nan")
+        if calls["n"] == at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(*args, **kwargs)
+        return loss
 
-    train_module.batch_loss = signal_on_second_call
+    train_module.batch_loss = faulty_loss
 result = train(cfg)
 from accelerate import PartialState  # noqa: E402  (the state exists once train() has run)
 
