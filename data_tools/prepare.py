@@ -60,6 +60,6 @@ def bucket_report(folder: str | Path, resolution: int = 512, step: int = 16, ups
         f"{', upscaled' if upscale else ''})",
         histogram([sizes[i] for i in items]),
         f"batch size {batch_size} on {processes} process{'es' * (processes != 1)}: "
-        f"{summary['batches_per_epoch']} batches per epoch, {repeated} images repeated to fill bucket batches, "
-        f"{summary['batches_repeated_for_even_ranks']} batches repeated so every process gets as many",
+        f"{summary['steps_per_epoch']} steps per epoch of {summary['global_batch']} images, "
+        f"{repeated} images repeated to fill each bucket's last one",
     ])

@@ -2,12 +2,12 @@
 
     sizes = bucket_sizes(512, step=16)                  # (w, h) pairs, w*h <= 512*512
     size = assign_bucket(1200, 800, sizes, step=16)     # (624, 416): the closest shape, never upscaled
-    sampler = BucketBatchSampler(buckets, batch_size=4, seed=0, num_replicas=2)
+    sampler = BucketBatchSampler(buckets, batch_size=4, seed=0, num_replicas=2, grad_accum=1)
 
 A batch holds one size only (FLUX.2 requires it, and latents of different sizes cannot be stacked).
-A bucket whose images do not fill its last batch repeats some of them rather than dropping any,
-and the number of batches per epoch is a multiple of the number of processes, so every rank gets
-the same number and none waits at the end of an epoch.
+A bucket whose images do not fill its last global batch repeats some of them rather than dropping
+any, and every global batch is split over all processes and accumulation steps, so every rank gets
+the same number of batches and none waits at the end of an epoch.
 """
 
 from __future__ import annotations
@@ -53,58 +53,69 @@ def cover_crop(width: int, height: int, target: tuple[int, int]) -> tuple[tuple[
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of dataset indices, one bucket per batch, in an order that depends only on
-    (seed, epoch): a resumed run sees the same batches.
+    """Batches of dataset indices, one bucket per batch, in an order that is a function of
+    (seed, epoch) and the global batch only: a resumed run sees the same batches, and N processes
+    with batch b and A accumulation steps train on the same samples, step by step, as one process
+    with batch N*b*A.
+
+    Each epoch is cut into global batches of `batch_size * num_replicas * grad_accum` samples per
+    bucket (shuffled with the seed and epoch; a bucket's last one is filled by repeating some of
+    its images, never by dropping any), and the global batches are shuffled. Each global batch is
+    then yielded as its N*A per-process batches of `batch_size`, in the order accelerate deals
+    batches out (the j-th to process j % N), so process r's a-th batch of a step is slice a*N + r.
+    `len()` counts those per-process batches, for every process together.
 
     An index is `i + k * len(buckets)` for the k-th repeat of sample i in an epoch; the dataset
-    reads sample `index % len`, and the noise key sees a distinct index for each repeat.
+    reads sample `index % len`, and the noise key sees a distinct index for each repeat. Without
+    aspect-ratio buckets every sample is in one bucket: the same order rules hold.
     """
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, num_replicas: int = 1):
+    def __init__(self, buckets: list, batch_size: int, seed: int, num_replicas: int = 1, grad_accum: int = 1):
         self.buckets, self.batch_size, self.seed = list(buckets), batch_size, seed
-        self.num_replicas, self.epoch = num_replicas, 0
-        self.groups: dict[tuple[int, int], list[int]] = {}
+        self.num_replicas, self.grad_accum, self.epoch = num_replicas, grad_accum, 0
+        self.global_batch = batch_size * num_replicas * grad_accum
+        self.groups: dict = {}
         for i, size in enumerate(self.buckets):
             self.groups.setdefault(size, []).append(i)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _bucket_batches(self) -> int:
-        return sum(math.ceil(len(members) / self.batch_size) for members in self.groups.values())
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) in one epoch."""
+        return sum(math.ceil(len(members) / self.global_batch) for members in self.groups.values())
 
     def __len__(self) -> int:
-        return math.ceil(self._bucket_batches() / self.num_replicas) * self.num_replicas
+        return self.steps_per_epoch() * self.num_replicas * self.grad_accum
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         seen: Counter = Counter()
-        batches = []
+        global_batches = []
         for size in sorted(self.groups):
             members = self.groups[size]
             order = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
-            short = -len(order) % self.batch_size
+            short = -len(order) % self.global_batch
             order += [order[j % len(order)] for j in range(short)]  # repeat, never drop
-            batches += [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        shuffled = [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
-        shuffled += shuffled[: len(self) - len(shuffled)]  # every rank the same number of batches
+            global_batches += [order[k:k + self.global_batch] for k in range(0, len(order), self.global_batch)]
         n = len(self.buckets)
-        for batch in shuffled:
+        for g in torch.randperm(len(global_batches), generator=gen).tolist():
             encoded = []
-            for i in batch:
+            for i in global_batches[g]:
                 encoded.append(i + seen[i] * n)
                 seen[i] += 1
-            yield encoded
+            for k in range(0, self.global_batch, self.batch_size):
+                yield encoded[k:k + self.batch_size]
 
     def summary(self) -> dict:
-        """What an epoch holds: per bucket, images, batches and repeats added to fill them."""
+        """What an epoch holds: per bucket, images, global batches and repeats added to fill them."""
         per_bucket = {}
         for (w, h), members in sorted(self.groups.items()):
-            batches = math.ceil(len(members) / self.batch_size)
+            batches = math.ceil(len(members) / self.global_batch)
             per_bucket[f"{w}x{h}"] = {"images": len(members), "batches": batches,
-                                      "repeated": batches * self.batch_size - len(members)}
-        return {"batch_size": self.batch_size, "processes": self.num_replicas, "buckets": per_bucket,
-                "batches_per_epoch": len(self), "batches_repeated_for_even_ranks": len(self) - self._bucket_batches()}
+                                      "repeated": batches * self.global_batch - len(members)}
+        return {"batch_size": self.batch_size, "processes": self.num_replicas, "grad_accum": self.grad_accum,
+                "global_batch": self.global_batch, "buckets": per_bucket, "steps_per_epoch": self.steps_per_epoch()}
 
 
 def histogram(sizes: list[tuple[int, int]]) -> str:

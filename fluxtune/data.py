@@ -336,20 +336,3 @@ def collate(samples: list[dict]) -> dict:
         "text": {k: torch.stack([s["text"][k] for s in samples]) for k in text_keys},
         "index": torch.tensor([s["index"] for s in samples]),
     }
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order that depends only on (seed, epoch): a resumed run sees the same order."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
-
-    def __len__(self):
-        return self.size

@@ -25,7 +25,6 @@ from fluxtune.config import Config
 from fluxtune.data import (
     CachedDataset,
     DataError,
-    EpochSampler,
     bucket_targets,
     collate,
     dataset_sha256,
@@ -39,17 +38,18 @@ log = logging.getLogger("fluxtune")
 
 
 def make_loader(cfg: Config, data: "RunData", processes: int):
+    """The loader and its batch sampler. The data order is a function of the global batch
+    (batch size x processes x accumulation steps) only, so any split of it trains alike
+    (`fluxtune.buckets.BucketBatchSampler`); without buckets every image is in one."""
     dataset = CachedDataset(data.train_entries, repeats=cfg.data.repeats)
+    sizes = data.sizes or [(cfg.data.resolution, cfg.data.resolution)] * len(data.train_entries)
+    order = BucketBatchSampler(sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes,
+                               cfg.train.grad_accum)
     # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
     # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
-    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
-                  generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
-    if data.sizes:
-        order = BucketBatchSampler(data.sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=order, **common), order
-    order = EpochSampler(len(dataset), cfg.train.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order,
-                                         drop_last=len(dataset) >= cfg.train.batch_size, **common)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=order, collate_fn=collate, num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
     return loader, order
 
 
@@ -58,9 +58,8 @@ def report_buckets(summary: dict, out: Path) -> None:
     (out / "buckets.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     parts = [f"{size}: {b['images']} images" + (f" (+{b['repeated']} repeated)" if b["repeated"] else "")
              for size, b in summary["buckets"].items()]
-    even = summary["batches_repeated_for_even_ranks"]
-    log.info("buckets: %s; %d batches per epoch%s", ", ".join(parts), summary["batches_per_epoch"],
-             f" ({even} repeated so every process gets as many)" if even else "")
+    log.info("buckets: %s; %d steps per epoch of %d images each", ", ".join(parts), summary["steps_per_epoch"],
+             summary["global_batch"])
 
 
 @dataclass

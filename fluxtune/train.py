@@ -35,7 +35,7 @@ from fluxtune.checkpoint import (
 )
 from fluxtune.buckets import BucketBatchSampler
 from fluxtune.config import Config
-from fluxtune.data import CachedDataset, EpochSampler
+from fluxtune.data import CachedDataset
 from fluxtune.errors import Preempted, UserError
 from fluxtune.ema import LoraEMA
 from fluxtune.evaluation import evaluation_loss
@@ -100,7 +100,7 @@ class _Run:
     out: Path
     weight_dtype: torch.dtype
     guidance: float | None
-    order: EpochSampler | None = None
+    order: BucketBatchSampler | None = None
     ema: LoraEMA | None = None
     sampler: TrainingSampler | None = None
     eval_set: CachedDataset | None = None
@@ -137,7 +137,8 @@ def train(cfg: Config) -> RunResult:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     # accelerate keeps its settings in a process-wide singleton; a second train() in the same
-    # process (a notebook, a sweep) may ask for another precision. The distributed setup is kept.
+    # process (a notebook, a sweep) may ask for another precision. The distributed setup is kept
+    # (one run per process under `accelerate launch`: the run's end closes its process group).
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
@@ -174,7 +175,7 @@ def train(cfg: Config) -> RunResult:
     transformer, params, placement = _lora_model(cfg, family, weight_dtype, accelerator)
     optimizer = make_optimizer(params, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                **cfg.optim.own_settings())
-    if isinstance(order, BucketBatchSampler) and accelerator.is_main_process:
+    if data.sizes and accelerator.is_main_process:
         report_buckets(order.summary(), out)
     if placement == "sharded":  # already split and placed; accelerate must not wrap it for data parallel
         optimizer, loader = accelerator.prepare(optimizer, loader)
@@ -318,7 +319,7 @@ def _lr_scheduler(cfg: Config, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.max_steps)
 
 
-def _batches(loader, order: EpochSampler, epoch: int, done: int):
+def _batches(loader, order: BucketBatchSampler, epoch: int, done: int):
     """Endless (epoch, batches done in that epoch, batch), starting after `done` batches of `epoch`."""
     while True:
         # accelerate's loader sets its sampler's epoch from its own counter on every pass: set
@@ -388,6 +389,8 @@ def _loop(run: _Run) -> tuple[float, dict]:
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
             run.skipped_steps += bad
             loss_avg = sum(losses) / len(losses)
+            if acc.num_processes > 1:  # the loss over the whole global batch, as one process logs it
+                loss_avg = float(acc.reduce(torch.tensor(loss_avg, device=acc.device), "mean"))
             row = {"step": step, "loss": loss_avg, "lr": run.scheduler.get_last_lr()[0], "epoch": epoch,
                    "grad_norm": grad_norm, "step_s": time.perf_counter() - tick,
                    "skipped_steps": run.skipped_steps}

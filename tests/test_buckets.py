@@ -1,7 +1,6 @@
 """Aspect-ratio buckets: sizes, assignment without upscaling, and a batch sampler that keeps one
-size per batch, drops no image and gives every process the same number of batches."""
-
-import math
+size per batch, drops no image, and orders the data by the global batch alone: any split of it
+over processes and accumulation steps trains on the same samples at every step."""
 
 import pytest
 
@@ -58,6 +57,7 @@ def test_sampler_one_size_per_batch_no_image_dropped_and_repeats_counted():
     summary = sampler.summary()
     assert summary["buckets"]["416x624"] == {"images": 1, "batches": 1, "repeated": 1}
     assert summary["buckets"]["512x512"]["repeated"] == 1
+    assert summary["steps_per_epoch"] == 6 and summary["global_batch"] == 2
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only():
@@ -68,15 +68,83 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     assert epoch_batches(a, 3) != epoch_batches(BucketBatchSampler(buckets, 2, seed=2), 3)
 
 
-@pytest.mark.parametrize("replicas", [2, 3, 4])
-def test_every_process_gets_the_same_number_of_batches(replicas):
-    buckets = [(512, 512)] * 5 + [(624, 416)] * 3 + [(416, 624)] * 1  # 6 bucket batches of 2
-    sampler = BucketBatchSampler(buckets, batch_size=2, seed=0, num_replicas=replicas)
-    batches = epoch_batches(sampler, 0)
-    assert len(batches) % replicas == 0 and len(batches) == math.ceil(6 / replicas) * replicas
-    shards = [batches[r::replicas] for r in range(replicas)]  # how accelerate deals batches out
-    assert len({len(s) for s in shards}) == 1
-    assert sampler.summary()["batches_repeated_for_even_ranks"] == len(batches) - 6
+def global_steps(samplers, accum, epochs):
+    """Per optimizer step, the samples it trains on (sorted) and the bucket of each per-process
+    batch. `samplers[r]` is the one process r builds; accelerate's own `BatchSamplerShard` deals
+    its batches to r, as `accelerator.prepare` does; `accum` batches per process per step."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    processes = len(samplers)
+    shards = [BatchSamplerShard(s, processes, rank, split_batches=False, even_batches=True)
+              for rank, s in enumerate(samplers)]
+    n = len(samplers[0].buckets)
+    steps = []
+    for epoch in range(epochs):
+        per_rank = []
+        for sampler, shard in zip(samplers, shards):
+            sampler.set_epoch(epoch)
+            per_rank.append(list(shard))
+        assert len({len(batches) for batches in per_rank}) == 1, "a process would wait for the others"
+        assert len(per_rank[0]) % accum == 0, "a step would span two epochs"
+        for k in range(0, len(per_rank[0]), accum):
+            batches = [b for rank in per_rank for b in rank[k:k + accum]]
+            steps.append((sorted(i for b in batches for i in b),
+                          [{samplers[0].buckets[i % n] for i in b} for b in batches]))
+    return steps
+
+
+def split_steps(buckets, seed, batch, processes, accum, epochs=4):
+    return global_steps([BucketBatchSampler(buckets, batch, seed, processes, accum) for _ in range(processes)],
+                        accum, epochs)
+
+
+# (batch per process, processes, accumulation steps): each a global batch of 4, or of 6
+SPLITS_4 = [(4, 1, 1), (2, 2, 1), (1, 2, 2), (1, 1, 4), (1, 4, 1), (2, 1, 2)]
+SPLITS_6 = [(6, 1, 1), (3, 2, 1), (1, 3, 2), (2, 3, 1), (1, 2, 3), (1, 6, 1)]
+# uneven sizes (none divides by 4 or 6), one to three buckets, repeats as the run lays them out
+DATASETS = {
+    "one bucket, 7 images": [(64, 64)] * 7,
+    "three buckets, 11 images": [(64, 64)] * 5 + [(80, 48)] * 4 + [(48, 80)] * 2,
+    "two buckets, 5 images x 3 repeats": ([(64, 64)] * 3 + [(80, 48)] * 2) * 3,
+}
+
+
+@pytest.mark.parametrize("splits", [SPLITS_4, SPLITS_6], ids=["global4", "global6"])
+@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_every_split_of_the_global_batch_trains_the_same_samples_at_every_step(splits, name, seed):
+    buckets = DATASETS[name]
+    runs = {split: split_steps(buckets, seed, *split) for split in splits}
+    reference = [samples for samples, _ in runs[splits[0]]]
+    for split, steps in runs.items():
+        assert [samples for samples, _ in steps] == reference, f"batch {split[0]} x {split[1]} processes x accum {split[2]}"
+        for _, batch_buckets in steps:
+            assert len(set().union(*batch_buckets)) == 1  # one size per batch, and per step
+    per_epoch = len(reference) // 4
+    for epoch in range(4):  # every image in every epoch, and each repeat under its own index
+        flat = [i for samples in reference[epoch * per_epoch:(epoch + 1) * per_epoch] for i in samples]
+        assert {i % len(buckets) for i in flat} == set(range(len(buckets))) and len(set(flat)) == len(flat)
+
+
+def test_the_comparison_catches_a_per_process_shuffle_and_per_process_batching():
+    """Mutations of the order the test above must tell apart from the real one."""
+    buckets = DATASETS["three buckets, 11 images"]
+    one = [samples for samples, _ in split_steps(buckets, 0, 4, 1, 1)]
+    assert one == [samples for samples, _ in split_steps(buckets, 0, 2, 2, 1)]
+    # each process shuffles with a seed of its own
+    own_seeds = [BucketBatchSampler(buckets, 2, 1000 * rank, 2, 1) for rank in range(2)]
+    assert [samples for samples, _ in global_steps(own_seeds, 1, epochs=4)] != one
+    # batches formed per process (of 2) and shuffled, then dealt out: the order before this sampler
+    per_process = [BucketBatchSampler(buckets, 2, 0, 1, 1) for _ in range(2)]
+    assert [samples for samples, _ in global_steps(per_process, 1, epochs=4)] != one
+
+
+def test_summary_counts_global_batches_for_the_processes_and_accumulation():
+    buckets = [(512, 512)] * 5 + [(624, 416)] * 3 + [(416, 624)] * 1
+    summary = BucketBatchSampler(buckets, batch_size=2, seed=0, num_replicas=2, grad_accum=2).summary()
+    assert summary["global_batch"] == 8 and summary["steps_per_epoch"] == 3
+    assert summary["buckets"]["512x512"] == {"images": 5, "batches": 1, "repeated": 3}
+    assert len(BucketBatchSampler(buckets, 2, 0, 2, 2)) == 3 * 2 * 2  # batches for all processes together
 
 
 def test_histogram_lists_buckets_by_count():

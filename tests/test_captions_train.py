@@ -118,7 +118,7 @@ def test_the_cache_holds_exactly_the_captions_the_run_trains_and_scores_with(str
     """Derived here from the sample order (every index 0..5 once an epoch): the run must have cached
     these captions, and nothing else."""
     result, cache = straight
-    assert json.loads((result.output_dir / "buckets.json").read_text())["batches_per_epoch"] * 2 == SAMPLES
+    assert json.loads((result.output_dir / "buckets.json").read_text())["steps_per_epoch"] * 2 == SAMPLES
     items = scan_image_folder(variant_photos)
     s = CaptionSettings("zxq", FEATURES["data.caption_dropout"], True, 1)
     trained = {choose_caption(items[i % 3].caption, s, SEED, e, i)

@@ -163,5 +163,5 @@ def test_bucket_command_shows_histogram_and_batches(photos, capsys):
     out = capsys.readouterr().out
     assert "3 images in 2 buckets (resolution 64, step 16)" in out
     assert "   80x48    (1.67)       2  " in out and "   64x64    (1.00)       1  " in out
-    assert ("batch size 2 on 2 processes: 2 batches per epoch, 1 images repeated to fill bucket batches, "
-            "0 batches repeated so every process gets as many") in out
+    # a global batch of 4: one per bucket, filled by repeating 2 of 80x48's images and 3 times 64x64's
+    assert "batch size 2 on 2 processes: 2 steps per epoch of 4 images, 5 images repeated to fill each bucket's last one" in out

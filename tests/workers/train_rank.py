@@ -42,6 +42,16 @@ if faults:
         return loss
 
     train_module.batch_loss = faulty_loss
+if os.environ.get("SHUFFLE_PER_RANK"):  # a mutation: each process orders the data with its own seed
+    import fluxtune.run_data as run_data
+
+    class PerRankOrder(run_data.BucketBatchSampler):
+        def __init__(self, buckets, batch_size, seed, *args):
+            super().__init__(buckets, batch_size, seed + 1000 * int(os.environ["RANK"]), *args)
+
+    run_data.BucketBatchSampler = PerRankOrder
+
+
 result = train(cfg)
 from accelerate import PartialState  # noqa: E402  (the state exists once train() has run)
 
