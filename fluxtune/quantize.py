@@ -27,9 +27,14 @@ every block.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from fluxtune.errors import UserError, require_package
+
+log = logging.getLogger("fluxtune")
 
 _BITSANDBYTES = ("nf4", "int8")
 # setting -> (package it needs, pip extra that installs it)
@@ -79,23 +84,52 @@ def transformer_load_kwargs(setting: str, dtype: torch.dtype, keep: tuple[str, .
     return {"quantization_config": config, **on_gpu}
 
 
-def text_encoder_load_kwargs(setting: str, dtype: torch.dtype, components: tuple[str, ...]) -> dict:
+# bitsandbytes' 4-bit blocks: 64 weights each. On a CPU with AVX512-BF16 its inference path repacks
+# a 4-bit weight per block of input features and fails for a layer whose input width is not a
+# multiple of it (`shape '[32, 0]' is invalid`). Every real FLUX text encoder's widths are multiples
+# of 64 (T5 4096/10240, Qwen3 2560/9728, Mistral3 5120/32768); narrower layers are kept unquantized.
+NF4_BLOCK = 64
+
+
+def text_encoder_load_kwargs(setting: str, dtype: torch.dtype, components: tuple[str, ...], path=None) -> dict:
     """Extra pipeline `from_pretrained` arguments that quantize the text encoders named in
-    `components` (model_index.json names) with transformers' own quantization configs."""
+    `components` (model_index.json names) with transformers' own quantization configs. With a
+    local `path`, nf4 keeps the Linear layers it cannot pack (see NF4_BLOCK) unquantized."""
     if setting == "none" or not components:
         return {}
     from diffusers import PipelineQuantizationConfig
 
-    return {"quantization_config": PipelineQuantizationConfig(
-        quant_mapping={name: _transformers_config(setting, dtype) for name in components})}
+    mapping = {}
+    for name in components:
+        keep = unpackable_linears(Path(path) / name) if setting == "nf4" and path and Path(path).is_dir() else []
+        if keep:
+            log.warning("model.quantize_text_encoders nf4: %d Linear layers of %s have an input width that is not "
+                        "a multiple of %d and stay unquantized (bitsandbytes cannot pack them): %s",
+                        len(keep), name, NF4_BLOCK, ", ".join(keep[:4]) + (" ..." if len(keep) > 4 else ""))
+        mapping[name] = _transformers_config(setting, dtype, keep)
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
 
 
-def _transformers_config(setting: str, dtype: torch.dtype):
+def unpackable_linears(folder: Path, block: int = NF4_BLOCK) -> list[str]:
+    """Names of the Linear layers of the transformers model saved in `folder` whose input width is
+    not a multiple of `block`; built on the meta device from its config, so no weight is read."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    with torch.device("meta"):
+        model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.in_features % block != 0]
+
+
+def _transformers_config(setting: str, dtype: torch.dtype, keep: list[str] | None = None):
     import transformers
 
     if setting == "nf4":
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+                                               bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
+                                               llm_int8_skip_modules=keep or None)
     if setting == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return transformers.TorchAoConfig(_float8_weight_only())

@@ -419,3 +419,21 @@ def test_gpu_quantized_training_and_plain_diffusers_load(kind, setting, tiny_mod
     (adapter,) = pipe.transformer.peft_config
     assert pipe.transformer.peft_config[adapter].r == 4
 
+
+
+def test_nf4_keeps_the_text_encoder_layers_it_cannot_pack_unquantized(tiny_models):
+    """bitsandbytes' CPU 4-bit path repacks per 64 input features: a narrower layer (the tiny T5's
+    32-wide projections) stays unquantized and is named; the real widths are multiples of 64."""
+    from pathlib import Path
+
+    import transformers
+
+    from fluxtune.quantize import NF4_BLOCK, text_encoder_load_kwargs, unpackable_linears
+
+    folder = Path(tiny_models("flux1")) / "text_encoder_2"
+    keep = unpackable_linears(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert keep and all(name.startswith("encoder.") for name in keep)
+    assert (config.d_model % NF4_BLOCK != 0) == any(name.endswith(".q") for name in keep)
+    kwargs = text_encoder_load_kwargs("nf4", torch.float32, ("text_encoder_2",), tiny_models("flux1"))
+    assert kwargs["quantization_config"].quant_mapping["text_encoder_2"].llm_int8_skip_modules == keep

@@ -114,7 +114,8 @@ class CheckpointParts:
 
     def text_pipe(self, device: torch.device):
         if self._text_pipe is None:
-            quantized = text_encoder_load_kwargs(self.quantize_text_encoders, self.dtype, self.quantizable_text_encoders)
+            quantized = text_encoder_load_kwargs(self.quantize_text_encoders, self.dtype, self.quantizable_text_encoders,
+                                                  self.path)
             self._text_pipe = self.pipeline_cls.from_pretrained(
                 self.path, revision=self.revision, transformer=None, vae=None, dtype=self.dtype, **SAFE, **quantized
             ).to(device)
