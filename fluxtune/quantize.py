@@ -42,18 +42,24 @@ _PACKAGES = {"nf4": ("bitsandbytes", "bnb"), "int8": ("bitsandbytes", "bnb"), "f
 
 
 def require_quantization(transformer: str, text_encoders: str) -> None:
-    """Fail before any weights load: a package the settings need is missing, or bitsandbytes is
-    asked to quantize the transformer on a machine without a CUDA GPU."""
+    """Fail before any weights load: a package the settings need is missing, or diffusers' own
+    bitsandbytes quantizer would refuse this machine (it needs a GPU)."""
     for key, setting in (("model.quantize", transformer), ("model.quantize_text_encoders", text_encoders)):
         if setting in _PACKAGES:
             require_package(f"{key} {setting}", *_PACKAGES[setting])
-    if transformer in _BITSANDBYTES and not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else "torch finds no CUDA device"
-        raise UserError(
-            f"model.quantize {transformer} needs a CUDA GPU: diffusers quantizes a transformer with bitsandbytes "
-            f"only onto a GPU, and this machine has none ({build}). Run on a CUDA GPU, or use "
-            "model.quantize: fp8 (torchao, runs on a CPU too) or none"
-        )
+    if transformer in _BITSANDBYTES:
+        from diffusers.quantizers.auto import DiffusersAutoQuantizer
+
+        config = transformer_load_kwargs(transformer, torch.float32, ())["quantization_config"]
+        try:
+            DiffusersAutoQuantizer.from_config(config).validate_environment()
+        except RuntimeError as e:  # "No GPU found. A GPU is needed for quantization."
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "torch finds no CUDA device"
+            raise UserError(
+                f"model.quantize {transformer} needs a CUDA GPU: diffusers quantizes a transformer with bitsandbytes "
+                f"only onto a GPU ({e}), and this machine has none ({build}). Run on a CUDA GPU, or use "
+                "model.quantize: fp8 (torchao, runs on a CPU too) or none"
+            ) from None
 
 
 def transformer_load_kwargs(setting: str, dtype: torch.dtype, keep: tuple[str, ...]) -> dict:
@@ -80,15 +86,38 @@ def transformer_load_kwargs(setting: str, dtype: torch.dtype, keep: tuple[str, .
         config = diffusers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     else:
         config = diffusers.TorchAoConfig(_float8_weight_only(), modules_to_not_convert=keep)
-    on_gpu = {"device_map": {"": torch.device("cuda", torch.cuda.current_device())}} if torch.cuda.is_available() else {}
-    return {"quantization_config": config, **on_gpu}
+    return {"quantization_config": config, **_device_map(setting)}
+
+
+def _device_map(setting: str) -> dict:
+    if torch.cuda.is_available():
+        return {"device_map": {"": torch.device("cuda", torch.cuda.current_device())}}
+    if setting in _BITSANDBYTES and not (torch.xpu.is_available() or torch.mps.is_available()):
+        # diffusers refuses bitsandbytes on a machine without a GPU (`require_quantization`); where
+        # that check is lifted (the CPU tests) the weights quantize on, and stay on, the CPU.
+        return {"device_map": {"": "cpu"}}
+    return {}
 
 
 # bitsandbytes' 4-bit blocks: 64 weights each. On a CPU with AVX512-BF16 its inference path repacks
-# a 4-bit weight per block of input features and fails for a layer whose input width is not a
-# multiple of it (`shape '[32, 0]' is invalid`). Every real FLUX text encoder's widths are multiples
-# of 64 (T5 4096/10240, Qwen3 2560/9728, Mistral3 5120/32768); narrower layers are kept unquantized.
+# a 4-bit weight in blocks of 64 input features by 32 outputs and fails for a layer of another width
+# (`shape '[32, 0]' is invalid`, `N must be divisible by block_n`). Every real FLUX width is a
+# multiple of 64 (transformers 3072/4096/6144 wide, T5 4096/10240, Qwen3 2560/4096/9728/12288,
+# Mistral3 5120/32768, vocabularies padded); a layer that is not stays unquantized, named in a warning.
 NF4_BLOCK = 64
+NF4_OUT_BLOCK = 32
+
+
+def packable(layer: torch.nn.Linear) -> bool:
+    """Whether bitsandbytes' CPU 4-bit kernel can take this Linear's weight (see NF4_BLOCK)."""
+    return layer.in_features % NF4_BLOCK == 0 and layer.out_features % NF4_OUT_BLOCK == 0
+
+
+def warn_unpackable(key: str, part: str, names: list[str]) -> None:
+    if names:
+        log.warning("%s nf4: %d Linear layers of %s are not a multiple of %d inputs by %d outputs and stay "
+                    "unquantized (bitsandbytes cannot pack them): %s", key, len(names), part, NF4_BLOCK,
+                    NF4_OUT_BLOCK, ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
 
 
 def text_encoder_load_kwargs(setting: str, dtype: torch.dtype, components: tuple[str, ...], path=None) -> dict:
@@ -102,25 +131,29 @@ def text_encoder_load_kwargs(setting: str, dtype: torch.dtype, components: tuple
     mapping = {}
     for name in components:
         keep = unpackable_linears(Path(path) / name) if setting == "nf4" and path and Path(path).is_dir() else []
-        if keep:
-            log.warning("model.quantize_text_encoders nf4: %d Linear layers of %s have an input width that is not "
-                        "a multiple of %d and stay unquantized (bitsandbytes cannot pack them): %s",
-                        len(keep), name, NF4_BLOCK, ", ".join(keep[:4]) + (" ..." if len(keep) > 4 else ""))
+        warn_unpackable("model.quantize_text_encoders", name, keep)
         mapping[name] = _transformers_config(setting, dtype, keep)
     return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
 
 
-def unpackable_linears(folder: Path, block: int = NF4_BLOCK) -> list[str]:
-    """Names of the Linear layers of the transformers model saved in `folder` whose input width is
-    not a multiple of `block`; built on the meta device from its config, so no weight is read."""
+def unpackable_linears(folder: Path) -> list[str]:
+    """Names of the Linear layers of the transformers model saved in `folder` that bitsandbytes
+    cannot pack (`packable`); built on the meta device from its config, so no weight is read."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
     model_cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     with torch.device("meta"):
         model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
-    return [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.in_features % block != 0]
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not packable(m)]
+
+
+def unpackable_transformer_linears(transformer_cls, path: str, revision: str | None = None) -> list[str]:
+    """The same for a diffusers transformer saved under `path`/transformer (its config only)."""
+    config = transformer_cls.load_config(path, subfolder="transformer", revision=revision)
+    with torch.device("meta"):
+        model = transformer_cls.from_config(config)
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not packable(m)]
 
 
 def _transformers_config(setting: str, dtype: torch.dtype, keep: list[str] | None = None):

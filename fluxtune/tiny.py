@@ -64,8 +64,16 @@ red blue green yellow black white orange purple pink brown gray golden dark brig
 big small old young happy cute sitting standing running flying riding wearing holding
 """.split()
 
-TEXT_HIDDEN = 32  # every text encoder; FLUX.2 joint_attention_dim = 3 * TEXT_HIDDEN
+# Every width is a multiple of 64, as in the real checkpoints: bitsandbytes' CPU 4-bit kernel packs
+# weights in blocks of 64 input features (32 outputs), so narrower layers would fail where the real
+# ones never do (`fluxtune.quantize.NF4_BLOCK`).
+TEXT_HIDDEN = 64  # every text encoder; FLUX.2 joint_attention_dim = 3 * TEXT_HIDDEN
 FLUX2_TEXT_LAYERS = 3
+
+
+def _padded(vocab: int) -> int:
+    """Embedding rows for a vocabulary, rounded up to 64 as real checkpoints pad theirs."""
+    return -(-vocab // 64) * 64
 
 
 # --- tokenizers -------------------------------------------------------------------------------
@@ -213,16 +221,16 @@ def _scheduler(dynamic_shifting: bool = True) -> FlowMatchEulerDiscreteScheduler
     )
 
 
-_BLOCKS = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16)
+_BLOCKS = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32)
 
 
 def _flux1(guidance: bool) -> FluxPipeline:
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_tok),
+            vocab_size=_padded(len(clip_tok)),
             hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
+            intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=2,
             max_position_embeddings=77,
@@ -234,10 +242,10 @@ def _flux1(guidance: bool) -> FluxPipeline:
     )
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=len(t5_tok),
+            vocab_size=_padded(len(t5_tok)),
             d_model=TEXT_HIDDEN,
-            d_kv=16,
-            d_ff=64,
+            d_kv=32,
+            d_ff=128,
             num_layers=2,
             num_heads=2,
             feed_forward_proj="gated-gelu",  # T5 v1.1, as in FLUX.1's t5-v1_1-xxl
@@ -265,7 +273,7 @@ def _flux1(guidance: bool) -> FluxPipeline:
             joint_attention_dim=TEXT_HIDDEN,
             pooled_projection_dim=TEXT_HIDDEN,
             guidance_embeds=guidance,
-            axes_dims_rope=(4, 6, 6),
+            axes_dims_rope=(8, 12, 12),
         ),
     )
 
@@ -284,7 +292,7 @@ def _flux2_transformer(guidance: bool) -> Flux2Transformer2DModel:
         in_channels=128,
         **_BLOCKS,
         joint_attention_dim=FLUX2_TEXT_LAYERS * TEXT_HIDDEN,
-        axes_dims_rope=(4, 4, 4, 4),
+        axes_dims_rope=(8, 8, 8, 8),
         guidance_embeds=guidance,
     )
 
@@ -292,13 +300,13 @@ def _flux2_transformer(guidance: bool) -> Flux2Transformer2DModel:
 def _decoder_kwargs(tokenizer) -> dict:
     """Config shared by the Mistral and Qwen3 text decoders: 3 layers, GQA like the real ones."""
     return dict(
-        vocab_size=len(tokenizer),
+        vocab_size=_padded(len(tokenizer)),
         hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
+        intermediate_size=128,
         num_hidden_layers=FLUX2_TEXT_LAYERS,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=32,
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -313,8 +321,8 @@ def _flux2() -> Flux2Pipeline:
             text_config=MistralConfig(**_decoder_kwargs(tokenizer)),
             # Never run by the pipeline (no images), but part of the real checkpoint's layout.
             vision_config=PixtralVisionConfig(
-                hidden_size=16,
-                intermediate_size=32,
+                hidden_size=64,
+                intermediate_size=128,
                 num_hidden_layers=1,
                 num_attention_heads=2,
                 image_size=64,

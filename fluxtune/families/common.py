@@ -12,7 +12,12 @@ import torch
 
 
 from fluxtune.errors import ModelError  # noqa: F401  (re-exported for the families)
-from fluxtune.quantize import text_encoder_load_kwargs, transformer_load_kwargs
+from fluxtune.quantize import (
+    text_encoder_load_kwargs,
+    transformer_load_kwargs,
+    unpackable_transformer_linears,
+    warn_unpackable,
+)
 
 
 def _fetch_json(path: str, filename: str, revision: str | None) -> dict:
@@ -136,7 +141,13 @@ class CheckpointParts:
             torch.cuda.empty_cache()
 
     def transformer(self, dtype: torch.dtype) -> torch.nn.Module:
-        quantized = transformer_load_kwargs(self.quantize, dtype, self.keep_unquantized)
+        keep = self.keep_unquantized
+        if self.quantize == "nf4":
+            unpackable = [n for n in unpackable_transformer_linears(self.transformer_cls, self.path, self.revision)
+                          if n.split(".")[0] not in keep]
+            warn_unpackable("model.quantize", "the transformer", unpackable)
+            keep = (*keep, *unpackable)
+        quantized = transformer_load_kwargs(self.quantize, dtype, keep)
         try:
             model = self.transformer_cls.from_pretrained(
                 self.path, subfolder="transformer", revision=self.revision, dtype=dtype, **SAFE, **quantized
