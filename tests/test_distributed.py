@@ -66,6 +66,18 @@ def split_settings(model, photos, out, cache, seed, batch, accum):
         "train.save_every": 6})
 
 
+# Float sums in another order, amplified by Adam (an element whose gradient is near zero moves by up
+# to lr per step whatever its sign): runs that see the same batches agree to ~2e-5 of the LoRA's
+# norm (single elements up to ~1e-3 of its largest); a different data order is ~0.6 away.
+SAME_LORA = 1e-4
+
+
+def lora_distance(other: dict, one: dict) -> float:
+    """Norm of the difference of two LoRAs over all their tensors, relative to the norm of `one`."""
+    diff = sum(float((other[k] - one[k]).pow(2).sum()) for k in one)
+    return (diff / sum(float(v.pow(2).sum()) for v in one.values())) ** 0.5
+
+
 def test_every_split_of_the_global_batch_trains_the_same_lora_over_four_epochs(tiny_models, photos, tmp_path):
     """1 x batch 4 == 1 x batch 1 x accum 4 == 2 x batch 2 (seed 3, buckets) and == 2 x batch 1 x
     accum 2 (seed 11, no buckets): the loss of every step and the final LoRA. The data order is cut
@@ -94,14 +106,13 @@ def test_every_split_of_the_global_batch_trains_the_same_lora_over_four_epochs(t
         for split, out in runs.items():
             other = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
             assert other.keys() == one.keys()
-            for key in one:
-                torch.testing.assert_close(other[key], one[key], atol=1e-5, rtol=1e-4, msg=f"{seed} {split} {key}")
+            assert lora_distance(other, one) <= SAME_LORA, (seed, split)
             assert [r["loss"] for r in metrics(out)] == pytest.approx(losses, rel=1e-4, abs=1e-6), (seed, split)
 
     # The mutation is caught: the same comparison fails for it.
     wrong = load_file(mutant / "lora" / "pytorch_lora_weights.safetensors")
     one = load_file(single[3, ONE_PROCESS[0]].lora_path)
-    assert max(float((wrong[k] - one[k]).abs().max()) for k in one) > 1e-4
+    assert lora_distance(wrong, one) > 100 * SAME_LORA
     assert [r["loss"] for r in metrics(mutant)] != pytest.approx([r["loss"] for r in metrics(single[3, ONE_PROCESS[0]].output_dir)],
                                                                  rel=1e-4, abs=1e-6)
 

@@ -33,7 +33,7 @@ def klein(tiny_models):
 
 @pytest.fixture(scope="module")
 def wide_klein(klein, tmp_path_factory):
-    """The tiny klein pipeline with 2 heads of 32 instead of 2 heads of 16: every attention layer is
+    """The tiny klein pipeline with 2 heads of 64 instead of 2 heads of 32: every attention layer is
     twice as wide, as between two sizes of a real model."""
     path = tmp_path_factory.mktemp("wide") / "klein-wide"
     shutil.copytree(klein, path)
@@ -42,7 +42,7 @@ def wide_klein(klein, tmp_path_factory):
               if not k.startswith("_")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        wide = Flux2Transformer2DModel(**config | {"attention_head_dim": 32, "axes_dims_rope": (8, 8, 8, 8)})
+        wide = Flux2Transformer2DModel(**config | {"attention_head_dim": 64, "axes_dims_rope": (16, 16, 16, 16)})
     wide.save_pretrained(path / "transformer")
     return path
 
@@ -64,8 +64,8 @@ def test_describe_base_names_class_and_shape(klein_lora, klein):
     assert header["fluxtune.base_class"] == "Flux2Transformer2DModel"
     assert header["fluxtune.base_model"] == str(klein)
     assert json.loads(header["fluxtune.base_shape"]) == {
-        "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
-        "joint_attention_dim": 96, "in_channels": 128,
+        "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32,
+        "joint_attention_dim": 192, "in_channels": 128,
     }
     assert " " not in header["fluxtune.base_shape"]  # compact
     assert "lora_adapter_metadata" in header  # diffusers' own field is kept
@@ -88,10 +88,10 @@ def test_lora_for_other_shapes_names_both_bases(wide_klein, klein, klein_lora, t
     assert line.startswith("fluxtune: error: ")
     assert f"LoRA {klein_lora} does not fit this model" in line
     trained_for, _, loaded_into = line.partition("is being loaded into")
-    assert "trained for Flux2Transformer2DModel " in trained_for and '"attention_head_dim":16' in trained_for
+    assert "trained for Flux2Transformer2DModel " in trained_for and '"attention_head_dim":32' in trained_for
     assert f"({klein})" in trained_for
-    assert '"attention_head_dim":32' in loaded_into and f"({wide_klein})" in loaded_into
-    assert "first mismatch: transformer_blocks.0.attn.to_q (lora_A) is [2, 32] in the LoRA, [2, 64] in the model" in loaded_into
+    assert '"attention_head_dim":64' in loaded_into and f"({wide_klein})" in loaded_into
+    assert "first mismatch: transformer_blocks.0.attn.to_q (lora_A) is [2, 64] in the LoRA, [2, 128] in the model" in loaded_into
 
 
 def test_lora_without_header_still_names_the_file_and_the_model(wide_klein, klein, tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_lora_without_header_still_names_the_file_and_the_model(wide_klein, klei
     assert code == 1
     assert f"LoRA {lora} does not fit this model" in err
     assert "a base it does not record" in err
-    assert '"attention_head_dim":32' in err and str(wide_klein) in err
+    assert '"attention_head_dim":64' in err and str(wide_klein) in err
 
 
 def test_lora_of_another_architecture_is_refused_before_loading(tiny_models, klein, tmp_path, capsys):

@@ -19,7 +19,7 @@ from fluxtune.offload import BlockSwap, compile_blocks, repeated_blocks
 
 CPU = torch.device("cpu")
 # (latent channels, latent side, text width) of a 64x64 image for each tiny family
-SHAPES = {"flux1": (16, 8, 32), "flux2-klein": (128, 4, 96)}
+SHAPES = {"flux1": (16, 8, 64), "flux2-klein": (128, 4, 192)}
 
 
 def gpu(test):
@@ -50,7 +50,7 @@ def lora_model(tiny_models, kind, checkpointing, device=CPU):
 def batch(kind):
     channels, side, width = SHAPES[kind]
     g = torch.Generator().manual_seed(2)
-    text = {"prompt_embeds": torch.randn(1, 6, width, generator=g), "pooled_prompt_embeds": torch.randn(1, 32, generator=g)}
+    text = {"prompt_embeds": torch.randn(1, 6, width, generator=g), "pooled_prompt_embeds": torch.randn(1, 64, generator=g)}
     return {"latents": torch.randn(1, channels, side, side, generator=g), "text": text}
 
 

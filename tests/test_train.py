@@ -110,10 +110,10 @@ def test_only_lora_changes_and_loaded_lora_matches_trained_model(tiny_models, ph
     pipe.load_lora_weights(result.lora_path.parent)
     torch.manual_seed(0)
     inputs = {
-        "hidden_states": torch.randn(1, 16, 128), "encoder_hidden_states": torch.randn(1, 8, 96),
+        "hidden_states": torch.randn(1, 16, 128), "encoder_hidden_states": torch.randn(1, 8, 192),
         "timestep": torch.tensor([0.5]),
         "img_ids": Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 128, 4, 4)),
-        "txt_ids": Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 8, 96)),
+        "txt_ids": Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 8, 192)),
         "return_dict": False,
     }
     with torch.no_grad():
