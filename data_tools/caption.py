@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fluxtune.data import IMAGE_EXTENSIONS
+from fluxtune.data.sources import IMAGE_EXTENSIONS
 from fluxtune.errors import DataError, ModelError, UserError
-from fluxtune.image_checks import candidate_files, open_rgb
+from fluxtune.data.checks import candidate_files, open_rgb
 
 log = logging.getLogger("fluxtune")
 

@@ -59,7 +59,7 @@ def _validate(args) -> int:
 
 
 def _generate(args) -> int:
-    from fluxtune.sampling import gather_prompts, generate, seed_list
+    from fluxtune.training.sampling import gather_prompts, generate, seed_list
 
     result = generate(
         model=args.model, loras=args.lora, scale=args.scale,
@@ -92,7 +92,7 @@ def _memory_size(text: str) -> int:
 
 
 def _make_tiny(args) -> int:
-    from fluxtune.tiny import KINDS, make_tiny
+    from fluxtune.models.tiny import KINDS, make_tiny
 
     if args.kind not in KINDS:
         print(f"fluxtune: unknown tiny model kind {args.kind!r}; choose one of {', '.join(KINDS)}", file=sys.stderr)
@@ -102,7 +102,7 @@ def _make_tiny(args) -> int:
 
 
 def _export(args) -> int:
-    from fluxtune.export import export, push_to_hub
+    from fluxtune.lora.export import export, push_to_hub
 
     folder = export(args.source, args.out, args.format, title=args.title, trigger=args.trigger, base_model=args.base_model,
                     ema=args.ema, arch=args.arch, license=args.license)
@@ -113,8 +113,8 @@ def _export(args) -> int:
 
 
 def _lora(args) -> int:
-    from fluxtune import lora_tools
-    from fluxtune.lora_formats import parse_weighted, read_lora, write_lora
+    from fluxtune.lora import tools as lora_tools
+    from fluxtune.lora.formats import parse_weighted, read_lora, write_lora
 
     if args.lora_command == "info":
         print(lora_tools.info(args.file))
@@ -184,7 +184,7 @@ def _data_bucket(args) -> int:
 def _add_data_parsers(sub) -> None:
     """`fluxtune data ...`: dataset preparation. Each command's code lives in `data_tools` and is
     imported only when that command runs."""
-    from fluxtune.image_checks import MAX_ASPECT, MAX_PIXELS
+    from fluxtune.data.checks import MAX_ASPECT, MAX_PIXELS
 
     data = sub.add_parser("data", help="prepare a dataset: caption, validate, write a manifest, show buckets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -238,7 +238,7 @@ def _bucket_arguments(p) -> None:
 
 
 def _add_export_parsers(sub) -> None:
-    from fluxtune.lora_formats import ARCHS, FORMATS
+    from fluxtune.lora.formats import ARCHS, FORMATS
 
     p = sub.add_parser("export", help="package a run's LoRA: chosen layout, metadata, model card, samples")
     p.add_argument("source", help="run output folder, LoRA folder or .safetensors file")

@@ -121,7 +121,7 @@ class DataConfig(_Section):
     resolution: int = Field(512, ge=64, le=4096)
     default_caption: str = ""
     caption_extension: str = ".txt"
-    # Captions at train time (fluxtune.captions), chosen per (train.seed, epoch, sample) and all
+    # Captions at train time (fluxtune.data.captions), chosen per (train.seed, epoch, sample) and all
     # encoded before training. A caption file with several lines holds one variant per line.
     trigger_word: str | None = Field(None, description="put first in every caption that lacks it")
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="chance of training with the empty caption")
@@ -335,7 +335,7 @@ class TrainConfig(_Section):
     save_every: int = Field(250, ge=1)
     gradient_checkpointing: bool = False
     # Keep the frozen weights of the last N transformer blocks on the CPU and stream each to the GPU
-    # only while it computes (fluxtune/offload.py): less GPU memory, slower steps. No effect on CPU.
+    # only while it computes (fluxtune/models/offload.py): less GPU memory, slower steps. No effect on CPU.
     blocks_to_swap: int = Field(0, ge=0)
     # torch.compile each transformer block (regional compilation): faster steps after a warm-up.
     compile: bool = False

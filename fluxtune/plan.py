@@ -43,7 +43,7 @@ CUDA_OVERHEAD = int(0.75 * GIB)
 # Host RAM of the training process besides weights: Python with torch, diffusers, transformers and
 # peft imported measures 0.5 GiB on CPU; the CUDA runtime and its libraries add about 1 GiB (assumed).
 HOST_BASELINE = int(1.5 * GIB)
-# Images and captions encoded per batch while caching (fluxtune.cache.build_cache's default).
+# Images and captions encoded per batch while caching (fluxtune.data.cache.build_cache's default).
 CACHE_BATCH = 4
 # VAE encoder peak activations per input pixel and channel of its first block (batch 1): 2,570
 # bytes per pixel measured in fp32 on CPU with the FLUX.1 and FLUX.2 VAE configs (128 channels) at
@@ -80,7 +80,7 @@ ACTIVATIONS: dict[tuple[str, str], PerToken] = {
     ("flux2", "bf16"): PerToken(double=48.0, single=51.7, rest=42.1, block_input=2.5, recompute=93.7),
 }
 
-# Bytes per quantized Linear weight (fluxtune.quantize): nf4 is 4 bits plus an 8-bit absmax per
+# Bytes per quantized Linear weight (fluxtune.models.quantize): nf4 is 4 bits plus an 8-bit absmax per
 # 64 weights and an fp32 one per 256 of those (bitsandbytes double quantization); int8 (LLM.int8)
 # and fp8 (torchao, weight-only) are a byte plus an fp32 scale per output row (ROW_SCALE_BYTES).
 QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}
@@ -184,9 +184,9 @@ def settings_of(cfg, gpus: int = 1) -> Settings:
 
 def read_shapes(model_cfg, lora_cfg) -> Shapes:
     """Count the checkpoint's parts on the meta device; reads config files only."""
-    from fluxtune.families import load_family
-    from fluxtune.families.common import read_component_config, read_model_index
-    from fluxtune.lora import check_targets, matched_modules, resolve_targets
+    from fluxtune.models.families import load_family
+    from fluxtune.models.families.common import read_component_config, read_model_index
+    from fluxtune.lora.adapter import check_targets, matched_modules, resolve_targets
 
     m = model_cfg
     family = load_family(m.path, m.family, m.revision, text_encoder_out_layers=m.text_encoder_out_layers,
@@ -241,7 +241,7 @@ def _meta_model(library: str, class_name: str, config: dict) -> torch.nn.Module:
 
 def _encoders(path: str, revision: str | None, index: dict, quantizable: tuple[str, ...]) -> list[Encoder]:
     """Text encoders and the VAE listed in model_index.json (entries set to null are skipped)."""
-    from fluxtune.families.common import read_component_config
+    from fluxtune.models.families.common import read_component_config
 
     found = []
     for name, entry in index.items():

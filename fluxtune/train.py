@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fluxtune.cache import CacheStats
-from fluxtune.checkpoint import (
+from fluxtune.data.cache import CacheStats
+from fluxtune.training.checkpoint import (
     CheckpointError,
     StopOnSignal,
     load_state,
@@ -33,15 +33,15 @@ from fluxtune.checkpoint import (
     rng_state,
     save_state,
 )
-from fluxtune.buckets import BucketBatchSampler
+from fluxtune.data.buckets import BucketBatchSampler
 from fluxtune.config import Config
-from fluxtune.data import CachedDataset
+from fluxtune.data.sources import CachedDataset
 from fluxtune.errors import Preempted, UserError
-from fluxtune.ema import LoraEMA
-from fluxtune.evaluation import evaluation_loss
-from fluxtune.export import training_metadata
-from fluxtune.families import load_family
-from fluxtune.lora import (
+from fluxtune.training.ema import LoraEMA
+from fluxtune.training.evaluation import evaluation_loss
+from fluxtune.lora.export import training_metadata
+from fluxtune.models.families import load_family
+from fluxtune.lora.adapter import (
     WEIGHTS_NAME,
     add_file_metadata,
     add_lora,
@@ -50,14 +50,14 @@ from fluxtune.lora import (
     resolve_targets,
     save_lora,
 )
-from fluxtune.objective import batch_loss
-from fluxtune.offload import BlockSwap, check_swap_count, compile_blocks
-from fluxtune.optim import make_optimizer, require_optimizer
-from fluxtune.quantize import enable_input_grads, require_quantization
-from fluxtune.run_data import cache_captions, make_loader, prepare_data, report_buckets
-from fluxtune.sampling import TrainingSampler, image_grid
-from fluxtune.sharding import average_gradients, shard_base
-from fluxtune.tracking import make_tracker
+from fluxtune.training.objective import batch_loss
+from fluxtune.models.offload import BlockSwap, check_swap_count, compile_blocks
+from fluxtune.training.optim import make_optimizer, require_optimizer
+from fluxtune.models.quantize import enable_input_grads, require_quantization
+from fluxtune.data.loader import cache_captions, make_loader, prepare_data, report_buckets
+from fluxtune.training.sampling import TrainingSampler, image_grid
+from fluxtune.models.sharding import average_gradients, shard_base
+from fluxtune.training.tracking import make_tracker
 
 log = logging.getLogger("fluxtune")
 

@@ -55,11 +55,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    from fluxtune.buckets import bucket_sizes
-    from fluxtune.cache import build_cache
-    from fluxtune.data import bucket_targets, scan_image_folder
-    from fluxtune.families import load_family
-    from fluxtune.image_checks import decode_findings, duplicate_findings, header_findings
+    from fluxtune.data.buckets import bucket_sizes
+    from fluxtune.data.cache import build_cache
+    from fluxtune.data.sources import bucket_targets, scan_image_folder
+    from fluxtune.models.families import load_family
+    from fluxtune.data.checks import decode_findings, duplicate_findings, header_findings
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
 
         model = args.model
         if model is None:
-            from fluxtune.tiny import make_tiny
+            from fluxtune.models.tiny import make_tiny
 
             model = str(make_tiny("flux2-klein", root / "tiny"))
         family = load_family(model)

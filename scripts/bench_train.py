@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
-from fluxtune import flow
-from fluxtune.families import load_family
-from fluxtune.lora import add_lora, resolve_targets
-from fluxtune.quantize import enable_input_grads, require_quantization
+from fluxtune.training import flow
+from fluxtune.models.families import load_family
+from fluxtune.lora.adapter import add_lora, resolve_targets
+from fluxtune.models.quantize import enable_input_grads, require_quantization
 
 # Official transformer configs. FLUX.2 fields left out (mlp_ratio=3.0, rope_theta=2000, eps=1e-6,
 # timestep_guidance_channels=256, patch_size=1) are diffusers' Flux2Transformer2DModel defaults, which

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxtune.cache import build_cache
+from fluxtune.data.cache import build_cache
 from fluxtune.config import QUANTIZATIONS, load_config
-from fluxtune.data import scan_image_folder
-from fluxtune.families import load_family
-from fluxtune.tiny import KINDS, make_tiny
+from fluxtune.data.sources import scan_image_folder
+from fluxtune.models.families import load_family
+from fluxtune.models.tiny import KINDS, make_tiny
 from fluxtune.train import train
 
 

@@ -22,7 +22,7 @@ hundred MB are enough and a test can assert on it.
 
 Sharded (`check_sharded`, --sharded): the same model and step on each of N CPU processes over gloo
 (this script, started once per rank with torchrun's environment), the base split by
-fluxtune.sharding.shard_base (FSDP2) and the LoRA gradients averaged before the optimizer step, as
+fluxtune.models.sharding.shard_base (FSDP2) and the LoRA gradients averaged before the optimizer step, as
 train.sharding=fsdp trains. Each rank measures its peak from the same profiler records, with their
 addresses and enclosing ops, which also say what FSDP held at the peak (per unit: gathered weights,
 all-gather buffers) and in which phase it falls; gloo's own scratch buffers, which NCCL does not
@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 
 from fluxtune.config import build_config
-from fluxtune.families import load_family
-from fluxtune.lora import add_lora, resolve_targets
-from fluxtune.optim import make_optimizer
+from fluxtune.models.families import load_family
+from fluxtune.lora.adapter import add_lora, resolve_targets
+from fluxtune.training.optim import make_optimizer
 from fluxtune.plan import ACTIVATIONS, CUDA_OVERHEAD, GIB, PerToken, image_tokens, plan
 
 
@@ -175,7 +175,7 @@ def measure(case: Case, device: torch.device) -> tuple[int, int]:
 def model_and_step(case: Case, device: torch.device, sharding: str = "none"):
     """The case's random model with its LoRA and optimizer, and the trainer's step; with sharding
     "fsdp" (in a process of an initialized process group) the base is split by
-    fluxtune.sharding.shard_base and the LoRA gradients averaged before the optimizer step, as
+    fluxtune.models.sharding.shard_base and the LoRA gradients averaged before the optimizer step, as
     the trainer does. Runs the first step (which creates the optimizer state); returns
     (transformer, optimizer, step)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +189,7 @@ def model_and_step(case: Case, device: torch.device, sharding: str = "none"):
         transformer.enable_gradient_checkpointing()
     optimizer = make_optimizer(params, cfg.optim.name, lr=1e-4, weight_decay=0.0, **cfg.optim.own_settings())
     if sharding != "none":
-        from fluxtune.sharding import shard_base
+        from fluxtune.models.sharding import shard_base
 
         shard_base(transformer, params, device)
         optimizer = _AveragingOptimizer(optimizer, params)
@@ -358,7 +358,7 @@ class _AveragingOptimizer:
         self.optimizer, self.params, self.state = optimizer, params, optimizer.state
 
     def step(self):
-        from fluxtune.sharding import average_gradients
+        from fluxtune.models.sharding import average_gradients
 
         average_gradients(self.params)
         self.optimizer.step()

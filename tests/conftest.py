@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from data_tools.demo_photos import write_demo_photos  # noqa: E402
-from fluxtune.tiny import make_tiny  # noqa: E402
+from fluxtune.models.tiny import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

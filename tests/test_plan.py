@@ -18,9 +18,9 @@ import torch
 from fluxtune.cli import main
 from fluxtune.config import load_config
 from fluxtune.errors import ModelError
-from fluxtune.families import load_family
-from fluxtune.lora import add_lora, resolve_targets
-from fluxtune.optim import make_optimizer
+from fluxtune.models.families import load_family
+from fluxtune.lora.adapter import add_lora, resolve_targets
+from fluxtune.training.optim import make_optimizer
 from fluxtune.plan import GIB, optimizer_bytes, parse_memory, plan, predict, read_shapes, settings_of, warn_if_too_big
 
 ROOT = Path(__file__).parents[1]
@@ -202,7 +202,7 @@ def test_train_hook_warns_on_a_small_gpu_and_never_fails(real_shapes, monkeypatc
 
 # train.sharding=fsdp against what a sharded step really holds per process: two CPU processes over
 # gloo each build the same medium random-weight model as the single-process check, shard it with
-# fluxtune.sharding.shard_base and run the trainer's step (forward, backward, LoRA gradient
+# fluxtune.models.sharding.shard_base and run the trainer's step (forward, backward, LoRA gradient
 # averaging, optimizer step); each measures its own peak with the profiler. Both cases run in one
 # launch: importing torch, diffusers and peft in each process is most of the time.
 

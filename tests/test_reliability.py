@@ -18,8 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fluxtune import checkpoint, train as train_module
-from fluxtune.checkpoint import CheckpointError, latest_state, load_state, save_state, verify
+from fluxtune import train as train_module
+from fluxtune.training import checkpoint
+from fluxtune.training.checkpoint import CheckpointError, latest_state, load_state, save_state, verify
 from fluxtune.cli import main
 from fluxtune.config import load_config
 from fluxtune.errors import EXIT_PREEMPTED
@@ -134,7 +135,7 @@ def test_in_process_resume_with_gradient_accumulation(tiny_models, photos, tmp_p
 KILL_WRITER = """
 import sys, torch
 from pathlib import Path
-from fluxtune.checkpoint import save_state
+from fluxtune.training.checkpoint import save_state
 root = Path(sys.argv[1])
 for step in range(1, 10_000):
     save_state(root, step, {"w": torch.full((2_000_000,), float(step))}, {"payload": step}, keep=2)

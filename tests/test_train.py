@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fluxtune.cli import main
 from fluxtune.config import load_config
-from fluxtune.tiny import make_tiny
+from fluxtune.models.tiny import make_tiny
 from fluxtune.train import train
 
 PIPELINES = {"flux1": FluxPipeline, "flux1-schnell": FluxPipeline, "flux2": Flux2Pipeline, "flux2-klein": Flux2KleinPipeline}

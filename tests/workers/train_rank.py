@@ -43,7 +43,7 @@ if faults:
 
     train_module.batch_loss = faulty_loss
 if os.environ.get("SHUFFLE_PER_RANK"):  # a mutation: each process orders the data with its own seed
-    import fluxtune.run_data as run_data
+    import fluxtune.data.loader as run_data
 
     class PerRankOrder(run_data.BucketBatchSampler):
         def __init__(self, buckets, batch_size, seed, *args):

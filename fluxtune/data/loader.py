@@ -1,0 +1,168 @@
+"""The data side of a run: list and cache the images and captions, then build the loader.
+
+    data = prepare_data(cfg, family, accelerator)       # cache latents (and captions), free nothing yet
+    loader, order = make_loader(cfg, data, accelerator.num_processes)
+    if data.caption_settings:
+        cache_captions(cfg, family, data, loader, order, accelerator)
+
+Used by `fluxtune.train`; kept apart so the training recipe reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxtune.data.buckets import BucketBatchSampler
+from fluxtune.data.cache import CacheStats, build_cache, cache_texts, default_cache_dir
+from fluxtune.data.captions import CaptionSettings, choose_caption, eval_caption
+from fluxtune.config import Config
+from fluxtune.data.sources import (
+    CachedDataset,
+    DataError,
+    bucket_targets,
+    collate,
+    dataset_sha256,
+    list_items,
+    scan_image_folder,
+    split_holdout,
+)
+from fluxtune.training.sampling import TrainingSampler
+
+log = logging.getLogger("fluxtune")
+
+
+def make_loader(cfg: Config, data: "RunData", processes: int):
+    """The loader and its batch sampler. The data order is a function of the global batch
+    (batch size x processes x accumulation steps) only, so any split of it trains alike
+    (`fluxtune.data.buckets.BucketBatchSampler`); without buckets every image is in one."""
+    dataset = CachedDataset(data.train_entries, repeats=cfg.data.repeats)
+    sizes = data.sizes or [(cfg.data.resolution, cfg.data.resolution)] * len(data.train_entries)
+    order = BucketBatchSampler(sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes,
+                               cfg.train.grad_accum)
+    # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
+    # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=order, collate_fn=collate, num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
+    return loader, order
+
+
+def report_buckets(summary: dict, out: Path) -> None:
+    """The buckets in use, in the log and in output_dir/buckets.json."""
+    (out / "buckets.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    parts = [f"{size}: {b['images']} images" + (f" (+{b['repeated']} repeated)" if b["repeated"] else "")
+             for size, b in summary["buckets"].items()]
+    log.info("buckets: %s; %d steps per epoch of %d images each", ", ".join(parts), summary["steps_per_epoch"],
+             summary["global_batch"])
+
+
+@dataclass
+class RunData:
+    """The cached dataset a run trains on."""
+
+    train_entries: list  # (latent file, text file) per training image; text None with caption_settings
+    eval_entries: list
+    sizes: list  # (width, height) per training image with buckets; empty without
+    stats: CacheStats
+    sampler: TrainingSampler | None
+    identity: dict  # size and content hash, for the LoRA's header
+    cache_dir: Path
+    caption_settings: CaptionSettings | None  # None: every image trains with its caption as written
+    captions: list[str]  # per training image, as written
+    eval_captions: list[str]  # per held-out image, as written
+
+
+def _shared_cache(family, items, cache_dir, resolution, accelerator, **kwargs):
+    """Under N processes each encodes its own shard of the images (every N-th, so each GPU loads
+    the encoders and works at once); after a barrier every process reads the whole cache, complete
+    by then, so nothing is encoded twice. The counts returned are this process's."""
+    if accelerator.num_processes == 1:
+        return build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
+    shard = list(dict.fromkeys(items))[accelerator.process_index :: accelerator.num_processes]
+    _, mine = build_cache(family, shard, cache_dir, resolution, accelerator.device, **kwargs)
+    accelerator.wait_for_everyone()
+    entries, stats = build_cache(family, items, cache_dir, resolution, accelerator.device, **kwargs)
+    stats.latents_encoded += mine.latents_encoded
+    stats.texts_encoded += mine.texts_encoded
+    return entries, stats
+
+
+def prepare_data(cfg: Config, family, accelerator):
+    """Encode latents and captions once (each process a shard, see `_shared_cache`), and
+    the sample prompts, while the text encoders are loaded. Captions changed at train time (see
+    fluxtune.data.captions) are left to `_cache_captions`, which knows the epochs the run reaches."""
+    items = list_items(cfg.data.resolved_sources(), Path(cfg.data.cache_dir or default_cache_dir()) / "images",
+                       cfg.data.default_caption, cfg.data.caption_extension)
+    if cfg.eval.path:
+        held_out = scan_image_folder(cfg.eval.path, cfg.data.default_caption, cfg.data.caption_extension)
+    else:
+        items, held_out = split_holdout(items, cfg.eval.fraction)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    d = cfg.data
+    sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
+    settings = CaptionSettings(d.trigger_word, d.caption_dropout, d.shuffle_tags, d.keep_tags)
+    settings = settings if settings.active([i.caption for i in items + held_out]) else None
+    entries, stats = _shared_cache(family, items + held_out, cache_dir, d.resolution, accelerator,
+                                   sizes=sizes, captions=settings is None)
+    sampler = None
+    # Under sharding every process takes part in each sampling forward pass, so each needs the prompts.
+    if cfg.sample.every and (accelerator.is_main_process or cfg.train.sharding != "none"):
+        prompts = cfg.sample.resolved_prompts()
+        *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
+        sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,
+                                  default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
+    used = [i for i in items if i in entries]
+    eval_items = [i for i in held_out if i in entries]
+    eval_entries = [entries[i] for i in eval_items]
+    if not used:
+        where = f"data.path {d.path}" if d.path else "data.sources"
+        raise DataError(f"{where}: none of the {len(items)} images could be read (see warnings above)")
+    log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
+             "encoded, %d reused", len(used), len(eval_entries), stats.skipped, cache_dir,
+             stats.latents_encoded, stats.texts_encoded, stats.reused)
+    return RunData([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats, sampler,
+                 {"images": len(used), "sha256": dataset_sha256(used)}, cache_dir, settings,
+                 [i.caption for i in used], [i.caption for i in eval_items])
+
+
+def cache_captions(cfg: Config, family, data: RunData, loader, order, accelerator) -> None:
+    """Choose the caption of every (epoch, sample) the run reaches and encode the distinct ones
+    now: the text encoders are freed before training. The loader's dataset then reads each
+    sample's text by (epoch, index); held-out images are scored with a fixed caption."""
+    settings, n = data.caption_settings, len(data.captions)
+    seen = _samples_read(loader, order, accelerator, cfg.train.max_steps * cfg.train.grad_accum)
+    plan = {(e, i): choose_caption(data.captions[i % n], settings, cfg.train.seed, e, i) for e, i in seen}
+    held_out = [eval_caption(c, settings) for c in data.eval_captions]
+    with accelerator.main_process_first():
+        files, encoded = cache_texts(family, [*plan.values(), *held_out], data.cache_dir, accelerator.device)
+    loader.dataset.texts = {key: files[text] for key, text in plan.items()}
+    data.eval_entries = [(latent, files[text]) for (latent, _), text in zip(data.eval_entries, held_out)]
+    data.stats.texts_encoded += encoded
+    epochs = 1 + max(e for e, _ in plan)
+    log.info("captions: %d distinct over %d epochs (%d encoded, %d reused), %.0f%% of samples uncaptioned",
+             len(files), epochs, encoded, len(files) - encoded,
+             100 * sum(not t for t in plan.values()) / len(plan))
+
+
+def _samples_read(loader, order, accelerator, batches: int) -> list[tuple[int, int]]:
+    """(epoch, index) of every sample in the epochs a run of `batches` batches per process reaches.
+    Whole epochs: the loader reads a batch ahead of the one training takes, and a resumed run reads
+    the batches of its epoch that it skips. Per-process epoch length as `accelerator.prepare` deals
+    the batches out (accelerate's BatchSamplerShard)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    per_process = len(BatchSamplerShard(loader.batch_sampler, accelerator.num_processes, 0,
+                                        split_batches=accelerator.split_batches,
+                                        even_batches=accelerator.even_batches))
+    seen: dict[tuple[int, int], None] = {}
+    for epoch in range(math.ceil(batches / per_process)):
+        order.set_epoch(epoch)
+        seen.update(dict.fromkeys((epoch, i) for batch in loader.batch_sampler for i in batch))
+    order.set_epoch(0)
+    return list(seen)
