@@ -123,7 +123,7 @@ def test_killed_write_leaves_only_a_tmp_file_that_is_never_an_entry(family, buil
     script = (
         "import os, sys, torch\n"
         "from pathlib import Path\n"
-        "from fluxtune import cache\n"
+        "from fluxtune.data import cache\n"
         "os.replace = lambda *a: os._exit(9)\n"
         "cache.write_atomic({'latents': torch.zeros(3)}, Path(sys.argv[1]))\n"
     )
