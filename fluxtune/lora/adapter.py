@@ -1,4 +1,5 @@
-"""LoRA on the transformer with peft: add it, list its parameters, save it in diffusers format.
+"""LoRA on the transformer with peft: add it, list its parameters, save it in diffusers format,
+and find the file a LoRA argument names.
 
     targets = resolve_targets(family, "attention")
     add_lora(transformer, rank=16, alpha=16, targets=targets)
@@ -24,6 +25,10 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # Transformer config fields that fix the shapes of the adapted layers (FLUX.1 and FLUX.2 alike).
 BASE_SHAPE_FIELDS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
                      "joint_attention_dim", "in_channels")
+# Formats that unpickle on load, i.e. run code from the file.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+NO_PICKLE = "only .safetensors files are loaded; no pickle (it can run code from the file)"
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_targets(family, targets: str | list[str]) -> str | list[str]:
@@ -146,3 +151,29 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_lora(lora: str) -> Path | str:
+    """The .safetensors file a `--lora` argument names (the file, or the LoRA in a folder), or a
+    hub id as given. Refuses pickle formats before diffusers, which would unpickle them, sees them."""
+    path = Path(lora)
+    if path.is_dir():
+        if (path / WEIGHTS_NAME).is_file():
+            return path / WEIGHTS_NAME
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise LoraError(f"LoRA folder {path} holds several .safetensors files ({', '.join(f.name for f in found)}); "
+                            "pass one of them with --lora FILE")
+        pickled = sorted(f.name for f in path.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickled:
+            raise LoraError(f"LoRA folder {path} holds {', '.join(pickled)}: {NO_PICKLE}; convert it to .safetensors")
+        raise LoraError(f"LoRA folder {path} holds no .safetensors file")
+    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.suffix.lower() != ".safetensors"):
+        raise LoraError(f"LoRA {path}: {NO_PICKLE}; convert it to .safetensors")
+    if path.is_file():
+        return path
+    if HUB_ID.match(lora):
+        return lora
+    raise LoraError(f"LoRA {lora}: no such file or folder")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fluxtune.errors import LoraError
+from fluxtune.lora.adapter import resolve_lora
 
 FORMATS = ("diffusers", "kohya", "comfyui")
 ARCHS = ("flux1", "flux2")
@@ -118,8 +119,6 @@ class Adapter:
 
 def lora_file(path: str | Path) -> Path:
     """The .safetensors file a path names: the file itself or the single LoRA in a folder."""
-    from fluxtune.training.sampling import resolve_lora
-
     file = resolve_lora(str(path))
     if not isinstance(file, Path):
         raise LoraError(f"LoRA {path}: no such file or folder (hub ids are read by `fluxtune generate`, "

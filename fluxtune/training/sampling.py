@@ -23,44 +23,12 @@ from tqdm.auto import tqdm
 from fluxtune.errors import LoraError, UserError
 from fluxtune.models.families import load_family
 from fluxtune.models.families.common import SamplingDefaults
-from fluxtune.lora.adapter import WEIGHTS_NAME, describe_base
+from fluxtune.lora.adapter import describe_base, resolve_lora
 
 log = logging.getLogger("fluxtune")
 
-# Formats that unpickle on load, i.e. run code from the file.
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
-NO_PICKLE = "only .safetensors files are loaded; no pickle (it can run code from the file)"
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_lora(lora: str) -> Path | str:
-    """The .safetensors file a `--lora` argument names (the file, or the LoRA in a folder), or a
-    hub id as given. Refuses pickle formats before diffusers, which would unpickle them, sees them."""
-    path = Path(lora)
-    if path.is_dir():
-        if (path / WEIGHTS_NAME).is_file():
-            return path / WEIGHTS_NAME
-        found = sorted(path.glob("*.safetensors"))
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise LoraError(f"LoRA folder {path} holds several .safetensors files ({', '.join(f.name for f in found)}); "
-                            "pass one of them with --lora FILE")
-        pickled = sorted(f.name for f in path.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
-        if pickled:
-            raise LoraError(f"LoRA folder {path} holds {', '.join(pickled)}: {NO_PICKLE}; convert it to .safetensors")
-        raise LoraError(f"LoRA folder {path} holds no .safetensors file")
-    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.suffix.lower() != ".safetensors"):
-        raise LoraError(f"LoRA {path}: {NO_PICKLE}; convert it to .safetensors")
-    if path.is_file():
-        return path
-    if HUB_ID.match(lora):
-        return lora
-    raise LoraError(f"LoRA {lora}: no such file or folder")
 
 
 def _header(file: Path) -> dict[str, str]:
