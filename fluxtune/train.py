@@ -163,10 +163,19 @@ def train(cfg: Config) -> RunResult:
         bypass_guidance=m.bypass_guidance, max_sequence_length=m.max_sequence_length, dtype=weight_dtype,
         quantize=m.quantize, quantize_text_encoders=m.quantize_text_encoders,
     )
-    data = prepare_data(cfg, family, accelerator)
-    loader, order = make_loader(cfg, data, accelerator.num_processes)
+    data = prepare_data(cfg.data, cfg.eval, family, accelerator)
+    # Sample prompts are embedded now, while the encoders are loaded. Under sharding every process
+    # takes part in each sampling forward pass, so each needs them.
+    sampler = (TrainingSampler.encode(family, cfg.sample.resolved_prompts(), accelerator.device,
+                                      default_size=cfg.data.resolution, default_steps=cfg.sample.steps,
+                                      default_guidance=cfg.sample.guidance)
+               if cfg.sample.every and (accelerator.is_main_process or cfg.train.sharding != "none") else None)
+    t = cfg.train
+    loader, order = make_loader(data, repeats=cfg.data.repeats, resolution=cfg.data.resolution,
+                                batch_size=t.batch_size, seed=t.seed, processes=accelerator.num_processes,
+                                grad_accum=t.grad_accum, num_workers=cfg.data.num_workers)
     if data.caption_settings:
-        cache_captions(cfg, family, data, loader, order, accelerator)
+        cache_captions(family, data, loader, order, accelerator, seed=t.seed, batches=t.max_steps * t.grad_accum)
     family.free_encoders()  # every text the run will train with is in the cache by now
 
     # Seed again here: loading encoders (only when the cache is cold) may draw random numbers, and
@@ -187,7 +196,7 @@ def train(cfg: Config) -> RunResult:
         tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
         order=order, resume_from=resume_from,
-        ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=data.sampler,
+        ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
         eval_set=CachedDataset(data.eval_entries) if data.eval_entries else None, dataset=data.identity,
         sharded=placement == "sharded",
     )

@@ -1,11 +1,13 @@
 """The data side of a run: list and cache the images and captions, then build the loader.
 
-    data = prepare_data(cfg, family, accelerator)       # cache latents (and captions), free nothing yet
-    loader, order = make_loader(cfg, data, accelerator.num_processes)
+    data = prepare_data(cfg.data, cfg.eval, family, accelerator)   # cache latents (and captions)
+    loader, order = make_loader(data, repeats=2, resolution=512, batch_size=4, seed=0,
+                                processes=accelerator.num_processes, grad_accum=1, num_workers=0)
     if data.caption_settings:
-        cache_captions(cfg, family, data, loader, order, accelerator)
+        cache_captions(family, data, loader, order, accelerator, seed=0, batches=1000)
 
-Used by `fluxtune.train`; kept apart so the training recipe reads top to bottom.
+Used by `fluxtune.train`; kept apart so the training recipe reads top to bottom. It takes the
+config's `data` and `eval` sections and plain values, never the whole config.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 from fluxtune.data.buckets import BucketBatchSampler
 from fluxtune.data.cache import CacheStats, build_cache, cache_texts, default_cache_dir
 from fluxtune.data.captions import CaptionSettings, choose_caption, eval_caption
-from fluxtune.config import Config
 from fluxtune.data.sources import (
     CachedDataset,
     DataError,
@@ -32,24 +33,23 @@ from fluxtune.data.sources import (
     scan_image_folder,
     split_holdout,
 )
-from fluxtune.training.sampling import TrainingSampler
 
 log = logging.getLogger("fluxtune")
 
 
-def make_loader(cfg: Config, data: "RunData", processes: int):
+def make_loader(data: "RunData", *, repeats: int, resolution: int, batch_size: int, seed: int, processes: int,
+                grad_accum: int, num_workers: int):
     """The loader and its batch sampler. The data order is a function of the global batch
     (batch size x processes x accumulation steps) only, so any split of it trains alike
     (`fluxtune.data.buckets.BucketBatchSampler`); without buckets every image is in one."""
-    dataset = CachedDataset(data.train_entries, repeats=cfg.data.repeats)
-    sizes = data.sizes or [(cfg.data.resolution, cfg.data.resolution)] * len(data.train_entries)
-    order = BucketBatchSampler(sizes * cfg.data.repeats, cfg.train.batch_size, cfg.train.seed, processes,
-                               cfg.train.grad_accum)
+    dataset = CachedDataset(data.train_entries, repeats=repeats)
+    sizes = data.sizes or [(resolution, resolution)] * len(data.train_entries)
+    order = BucketBatchSampler(sizes * repeats, batch_size, seed, processes, grad_accum)
     # Its own generator: each new epoch's iterator draws a worker seed, which would otherwise
     # come from (and shift) the global stream that LoRA dropout uses, breaking exact resume.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=order, collate_fn=collate, num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(cfg.train.seed), pin_memory=torch.cuda.is_available())
+        dataset, batch_sampler=order, collate_fn=collate, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
     return loader, order
 
 
@@ -70,7 +70,6 @@ class RunData:
     eval_entries: list
     sizes: list  # (width, height) per training image with buckets; empty without
     stats: CacheStats
-    sampler: TrainingSampler | None
     identity: dict  # size and content hash, for the LoRA's header
     cache_dir: Path
     caption_settings: CaptionSettings | None  # None: every image trains with its caption as written
@@ -93,30 +92,21 @@ def _shared_cache(family, items, cache_dir, resolution, accelerator, **kwargs):
     return entries, stats
 
 
-def prepare_data(cfg: Config, family, accelerator):
-    """Encode latents and captions once (each process a shard, see `_shared_cache`), and
-    the sample prompts, while the text encoders are loaded. Captions changed at train time (see
-    fluxtune.data.captions) are left to `_cache_captions`, which knows the epochs the run reaches."""
-    items = list_items(cfg.data.resolved_sources(), Path(cfg.data.cache_dir or default_cache_dir()) / "images",
-                       cfg.data.default_caption, cfg.data.caption_extension)
-    if cfg.eval.path:
-        held_out = scan_image_folder(cfg.eval.path, cfg.data.default_caption, cfg.data.caption_extension)
+def prepare_data(d, evaluation, family, accelerator) -> RunData:
+    """Encode latents and captions once (each process a shard, see `_shared_cache`). `d` and
+    `evaluation` are the config's `data` and `eval` sections. Captions changed at train time (see
+    fluxtune.data.captions) are left to `cache_captions`, which knows the epochs the run reaches."""
+    cache_dir = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    items = list_items(d.resolved_sources(), cache_dir / "images", d.default_caption, d.caption_extension)
+    if evaluation.path:
+        held_out = scan_image_folder(evaluation.path, d.default_caption, d.caption_extension)
     else:
-        items, held_out = split_holdout(items, cfg.eval.fraction)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    d = cfg.data
+        items, held_out = split_holdout(items, evaluation.fraction)
     sizes = bucket_targets(items + held_out, d.resolution, d.bucket_step, d.upscale, d.max_aspect) if d.buckets else {}
     settings = CaptionSettings(d.trigger_word, d.caption_dropout, d.shuffle_tags, d.keep_tags)
     settings = settings if settings.active([i.caption for i in items + held_out]) else None
     entries, stats = _shared_cache(family, items + held_out, cache_dir, d.resolution, accelerator,
                                    sizes=sizes, captions=settings is None)
-    sampler = None
-    # Under sharding every process takes part in each sampling forward pass, so each needs the prompts.
-    if cfg.sample.every and (accelerator.is_main_process or cfg.train.sharding != "none"):
-        prompts = cfg.sample.resolved_prompts()
-        *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], accelerator.device)
-        sampler = TrainingSampler(family, prompts, embeds, negative, default_size=d.resolution,
-                                  default_steps=cfg.sample.steps, default_guidance=cfg.sample.guidance)
     used = [i for i in items if i in entries]
     eval_items = [i for i in held_out if i in entries]
     eval_entries = [entries[i] for i in eval_items]
@@ -126,18 +116,19 @@ def prepare_data(cfg: Config, family, accelerator):
     log.info("dataset: %d training and %d held-out images (%d skipped); cache %s: %d latents and %d captions "
              "encoded, %d reused", len(used), len(eval_entries), stats.skipped, cache_dir,
              stats.latents_encoded, stats.texts_encoded, stats.reused)
-    return RunData([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats, sampler,
+    return RunData([entries[i] for i in used], eval_entries, [sizes[i] for i in used] if sizes else [], stats,
                  {"images": len(used), "sha256": dataset_sha256(used)}, cache_dir, settings,
                  [i.caption for i in used], [i.caption for i in eval_items])
 
 
-def cache_captions(cfg: Config, family, data: RunData, loader, order, accelerator) -> None:
-    """Choose the caption of every (epoch, sample) the run reaches and encode the distinct ones
-    now: the text encoders are freed before training. The loader's dataset then reads each
-    sample's text by (epoch, index); held-out images are scored with a fixed caption."""
+def cache_captions(family, data: RunData, loader, order, accelerator, *, seed: int, batches: int) -> None:
+    """Choose the caption of every (epoch, sample) a run of `batches` batches per process reaches
+    and encode the distinct ones now: the text encoders are freed before training. The loader's
+    dataset then reads each sample's text by (epoch, index); held-out images are scored with a
+    fixed caption."""
     settings, n = data.caption_settings, len(data.captions)
-    seen = _samples_read(loader, order, accelerator, cfg.train.max_steps * cfg.train.grad_accum)
-    plan = {(e, i): choose_caption(data.captions[i % n], settings, cfg.train.seed, e, i) for e, i in seen}
+    seen = _samples_read(loader, order, accelerator, batches)
+    plan = {(e, i): choose_caption(data.captions[i % n], settings, seed, e, i) for e, i in seen}
     held_out = [eval_caption(c, settings) for c in data.eval_captions]
     with accelerator.main_process_first():
         files, encoded = cache_texts(family, [*plan.values(), *held_out], data.cache_dir, accelerator.device)

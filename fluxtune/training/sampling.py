@@ -322,6 +322,12 @@ class TrainingSampler:
         self.default_size, self.default_steps, self.default_guidance = default_size, default_steps, default_guidance
         self._pipe = None
 
+    @classmethod
+    def encode(cls, family, prompts: list, device: torch.device, **defaults) -> "TrainingSampler":
+        """Embeds the prompts (and the empty negative prompt) with the family's text encoders."""
+        *embeds, negative = family.encode_prompts([p.prompt for p in prompts] + [""], device)
+        return cls(family, prompts, embeds, negative, **defaults)
+
     def render(self, transformer, dtype: torch.dtype, device: torch.device) -> list[tuple]:
         """[(PIL image, caption)] per prompt. Leaves every random stream as it found it."""
         if self._pipe is None:
