@@ -1,18 +1,16 @@
-"""Run configuration: a closed pydantic schema, YAML loading and `a.b=value` overrides.
+"""Run configuration: a closed pydantic schema, loaded from YAML with `a.b=value` overrides.
 
     from fluxtune.config import load_config
     cfg = load_config("configs/tiny-demo.yaml", ["train.max_steps=10"])
 
 Every problem in a config is reported at once, one line per problem, with the dotted key path and
-a did-you-mean for misspelt keys, before any model is loaded (`ConfigError`).
+a did-you-mean for misspelt keys, before any model is loaded (`ConfigError`; the text side is `fluxtune.config_input`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import re
-import reprlib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,16 +27,9 @@ from pydantic import (
     model_validator,
 )
 
+from fluxtune.config_input import ConfigError, apply_overrides, problems, safe_load, string_keys
+
 log = logging.getLogger("fluxtune")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        head = f"invalid config{f' {source}' if source else ''} ({len(problems)} problem{'s' * (len(problems) != 1)}):"
-        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
 
 
 class _Section(BaseModel):
@@ -418,203 +409,19 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------- loading
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _safe_load(text: str) -> Any:
-    """yaml.safe_load; every failure becomes a ValueError with a one-line reason.
-
-    Besides YAMLError, PyYAML's constructors raise plain ValueError, KeyError or AttributeError for
-    malformed scalars (`2001-02-30`, `!!bool x`, `!!timestamp x`), and its composer recurses once
-    per nesting level (RecursionError on `[[[[...`).
-    """
-    try:
-        return yaml.safe_load(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ValueError(_one_line(f"{e.context + ': ' if e.context else ''}{e.problem or ''}") + where) from None
-    except Exception as e:  # see the docstring: PyYAML raises many plain exception types
-        raise ValueError(_one_line(f"{e}") or type(e).__name__) from None
-
-
-def _show_key(part: str | int) -> str:
-    """One part of a dotted key as the user can find it: quoted when it is empty or has dots,
-    spaces or unprintable characters (a YAML key can be any string)."""
-    if isinstance(part, int) or (re.fullmatch(r"[\w+\-@/~]+", part) and part.isprintable()):
-        return str(part)
-    return repr(part)
-
-
-def _dotted(parts) -> str:
-    return ".".join(_show_key(p) for p in parts)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (`3`, `true`, `[1,2]`, `null`)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError([f"override {item!r} is not of the form key.path=value"])
-    path = [part.strip() for part in key.split(".")]
-    if not all(path):
-        raise ConfigError([f"override {item!r}: {key.strip()!r} has an empty key name; write key.path=value"])
-    try:
-        value = _safe_load(raw) if raw.strip() else ""
-    except ValueError as e:
-        raise ConfigError([f"override {item!r}: the value is not valid YAML ({e})"]) from None
-    return path, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError([f"{_dotted(path[: i + 1])}: is a value, cannot set {item!r} inside it"])
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def _key_text(key) -> str:
-    if isinstance(key, str):
-        return key
-    if key is None:
-        return "null"
-    if isinstance(key, bool):
-        return "true" if key else "false"
-    return str(key)
-
-
-def _string_keys(node, depth: int = 6, memo: dict | None = None):
-    """A copy of `node` whose mapping keys are all strings: YAML allows `1:`, `null:` or `true:`,
-    which pydantic would report without naming the key. Sections sit at most 4 levels deep;
-    deeper data is left as it is (it may be cyclic: YAML anchors can build loops)."""
-    if depth == 0 or not isinstance(node, (dict, list)):
-        return node
-    memo = {} if memo is None else memo
-    if id(node) in memo:
-        return memo[id(node)]
-    if isinstance(node, list):
-        out = memo[id(node)] = []
-        out.extend(_string_keys(v, depth - 1, memo) for v in node)
-        return out
-    out = memo[id(node)] = {}
-    for k, v in node.items():
-        out[_key_text(k)] = _string_keys(v, depth - 1, memo)
-    return out
-
-
-def _model_in(annotation) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `SamplePrompt`, `list[SamplePrompt | str]`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if found := _model_in(arg):
-            return found
-    return None
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section that contains `loc` (for did-you-mean)."""
-    for part in loc[:-1]:
-        if isinstance(part, int):  # a list index: same model
-            continue
-        model = _model_in(getattr(model.model_fields.get(str(part)), "annotation", None))
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-# pydantic adds the union member it tried to the location (`lora.targets.list[str]`): not a key.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|tuple|literal|dict)\[.*\]|function-.*|[A-Z]\w*)$")
-
-
-def _key_path(loc: tuple, data) -> tuple:
-    """The parts of an error location that are keys or list indices, found by walking the input:
-    a union member's name is dropped unless the input has a key of that name (`Rank`, `None`)."""
-    parts, node = [], data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, (list, tuple)) and isinstance(part, int) and -len(node) <= part < len(node):
-            node = node[part]
-        elif isinstance(part, str) and _UNION_MEMBER.match(part):
-            continue
-        else:  # a missing key: nothing below it in the input
-            node = None
-        parts.append(part)
-    return tuple(parts)
-
-
-_short = reprlib.Repr()
-_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 3, 40, 40, 4, 4
-
-
-def _format_error(err: dict, data) -> tuple[str, str]:
-    """(dotted key, problem) for one pydantic error."""
-    if not err["loc"]:  # a cross-field check: its message names its keys
-        key, _, msg = err["msg"].removeprefix("Value error, ").partition(": ")
-        return key, msg
-    loc = _key_path(err["loc"], data)
-    key = _dotted(loc) or "the top level"
-    if err["type"] == "extra_forbidden":
-        known = _fields_at(Config, loc)
-        guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{_dotted(loc[:-1] + (guess[0],))}'?" if guess else ""
-        return key, f"unknown key{hint} (known here: {', '.join(known)})"
-    if err["type"] == "missing":
-        return key, "required key is missing"
-    return key, _one_line(err["msg"].removeprefix("Value error, ").replace("Input should be ", "should be ", 1))
-
-
-def _problems(errors: list[dict], data) -> list[str]:
-    """One line per key; a value that fits no member of a union lists what each member wanted."""
-    by_key: dict[str, list[str]] = {}
-    inputs: dict[str, object] = {}
-    for err in errors:
-        key, msg = _format_error(err, data)
-        if msg not in by_key.setdefault(key, []):
-            by_key[key].append(msg)
-        if err["loc"]:  # cross-field checks get the whole config as input: not worth showing
-            inputs.setdefault(key, err.get("input"))
-    lines = []
-    for key, msgs in by_key.items():
-        # A union whose model branch reported problems inside the value: its "should be a valid
-        # string" branch is noise.
-        if any(k.startswith(key + ".") for k in by_key) and all(m.startswith("should be a valid") for m in msgs):
-            continue
-        line = f"{key}: {' or '.join(msgs)}"
-        if key in inputs and not msgs[0].startswith(("unknown key", "required key")):
-            shown = _short.repr(inputs[key])  # bounded depth and length: inputs can be deep or cyclic
-            line += f" (got {shown[:57] + '...' if len(shown) > 60 else shown})"
-        lines.append(line)
-    return lines
-
-
 _SECTIONS = ("model", "data", "lora", "optim", "train", "log", "sample", "eval")
 
 
 def build_config(data: Any, source: str | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], source)
-    data = _string_keys(data)
+    data = string_keys(data)
     # A section whose keys are all commented out loads as None: treat it as empty.
     data = {k: ({} if v is None and k in _SECTIONS else v) for k, v in data.items()}
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_problems(e.errors(), data), source) from None
+        raise ConfigError(problems(e.errors(), data, Config), source) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -630,7 +437,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError([f"not valid YAML: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"],
                               source) from None
         try:
-            data = _safe_load(text)
+            data = safe_load(text)
         except ValueError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if data is None:  # an empty file, or only comments
