@@ -2,7 +2,7 @@
 
     python scripts/plan_check.py               # CPU: medium FLUX.1- and FLUX.2-shaped models, fp32 (~30 s)
     python scripts/plan_check.py --bf16        # the same with bf16 weights under autocast (slow on CPU)
-    python scripts/plan_check.py --calibrate   # re-derive fluxtune.plan.ACTIVATIONS (~5 minutes)
+    python scripts/plan_check.py --calibrate   # re-derive fluxtune.models.memory.ACTIVATIONS (~5 minutes)
     python scripts/plan_check.py --real        # CUDA: real-size architectures, random bf16 weights
     python scripts/plan_check.py --sharded     # train.sharding=fsdp: 2 CPU processes over gloo, per rank (~35 s)
 
@@ -52,7 +52,8 @@ from fluxtune.config import build_config
 from fluxtune.models.families import load_family
 from fluxtune.lora.adapter import add_lora, resolve_targets
 from fluxtune.training.optim import make_optimizer
-from fluxtune.plan import ACTIVATIONS, CUDA_OVERHEAD, GIB, PerToken, image_tokens, plan
+from fluxtune.models.memory import ACTIVATIONS, CUDA_OVERHEAD, GIB, PerToken, image_tokens
+from fluxtune.plan import plan
 
 
 def _sibling(name: str):
@@ -579,7 +580,7 @@ def main(argv=None) -> None:
     if args.calibrate:
         for pipeline, family in (("FluxPipeline", "flux1"), ("Flux2KleinPipeline", "flux2")):
             for precision, key in (("no", "fp32"), ("bf16", "bf16")):
-                print(f"{family} {key} (in fluxtune.plan now: {ACTIVATIONS[(family, key)]})", flush=True)
+                print(f"{family} {key} (in fluxtune.models.memory now: {ACTIVATIONS[(family, key)]})", flush=True)
                 print(f"    ({family!r}, {key!r}): {calibrate(pipeline, precision)!r},", flush=True)
         return
     if args.real:

@@ -21,7 +21,8 @@ from fluxtune.errors import ModelError
 from fluxtune.models.families import load_family
 from fluxtune.lora.adapter import add_lora, resolve_targets
 from fluxtune.training.optim import make_optimizer
-from fluxtune.plan import GIB, optimizer_bytes, parse_memory, plan, predict, read_shapes, settings_of, warn_if_too_big
+from fluxtune.models.memory import GIB, optimizer_bytes
+from fluxtune.plan import parse_memory, plan, predict, read_shapes, settings_of, warn_if_too_big
 
 ROOT = Path(__file__).parents[1]
 
