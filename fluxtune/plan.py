@@ -28,7 +28,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-
 import torch
 
 from fluxtune.models.memory import (

@@ -9,7 +9,6 @@ This is the only module that sees the whole config; everything it calls takes pl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from fluxtune.data.cache import CacheStats
 from fluxtune.training.checkpoint import (
     CheckpointError,
     StopOnSignal,
+    check_output_dir,
     load_state,
     optimizer_from_flat,
     optimizer_to_flat,
@@ -50,13 +50,13 @@ from fluxtune.lora.adapter import (
     resolve_targets,
     save_lora,
 )
-from fluxtune.training.objective import batch_loss
-from fluxtune.models.offload import BlockSwap, check_swap_count, compile_blocks
-from fluxtune.training.optim import make_optimizer, require_optimizer
+from fluxtune.training.objective import batch_loss, sample_generators
+from fluxtune.models.offload import BlockSwap, blocks_to_swap, compile_blocks
+from fluxtune.training.optim import lr_scheduler, make_optimizer, require_optimizer
 from fluxtune.models.quantize import enable_input_grads, require_quantization
 from fluxtune.data.loader import cache_captions, make_loader, prepare_data, report_buckets
 from fluxtune.training.sampling import TrainingSampler, image_grid
-from fluxtune.models.sharding import average_gradients, shard_base
+from fluxtune.models.sharding import average_gradients, refuse_accelerate_sharding, shard_base, use_sharding
 from fluxtune.training.tracking import make_tracker
 
 log = logging.getLogger("fluxtune")
@@ -144,9 +144,9 @@ def train(cfg: Config) -> RunResult:
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
     )
-    _refuse_accelerate_sharding(accelerator)
+    refuse_accelerate_sharding(accelerator)
     if accelerator.is_main_process:
-        _check_output_dir(out)
+        check_output_dir(out)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     resume_from = resolve_resume(cfg.train.resume, out / "state")
     # First, so a missing tracking package fails before anything is loaded. A resumed run goes on
@@ -166,11 +166,10 @@ def train(cfg: Config) -> RunResult:
     data = prepare_data(cfg.data, cfg.eval, family, accelerator)
     # Sample prompts are embedded now, while the encoders are loaded. Under sharding every process
     # takes part in each sampling forward pass, so each needs them.
-    sampler = (TrainingSampler.encode(family, cfg.sample.resolved_prompts(), accelerator.device,
-                                      default_size=cfg.data.resolution, default_steps=cfg.sample.steps,
-                                      default_guidance=cfg.sample.guidance)
-               if cfg.sample.every and (accelerator.is_main_process or cfg.train.sharding != "none") else None)
-    t = cfg.train
+    t, s = cfg.train, cfg.sample
+    sampler = (TrainingSampler.encode(family, s.resolved_prompts(), accelerator.device, default_size=cfg.data.resolution,
+                                      default_steps=s.steps, default_guidance=s.guidance)
+               if s.every and (accelerator.is_main_process or t.sharding != "none") else None)
     loader, order = make_loader(data, repeats=cfg.data.repeats, resolution=cfg.data.resolution,
                                 batch_size=t.batch_size, seed=t.seed, processes=accelerator.num_processes,
                                 grad_accum=t.grad_accum, num_workers=cfg.data.num_workers)
@@ -191,9 +190,9 @@ def train(cfg: Config) -> RunResult:
     else:  # swapped blocks keep their weights on the CPU: accelerate must not move the model
         transformer, optimizer, loader = accelerator.prepare(
             transformer, optimizer, loader, device_placement=[False if placement == "swapped" else None, None, None])
+    scheduler = lr_scheduler(optimizer, cfg.optim.scheduler, warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)
     run = _Run(
-        cfg, family, accelerator, transformer, params, optimizer, _lr_scheduler(cfg, optimizer), loader,
-        tracker, out, weight_dtype,
+        cfg, family, accelerator, transformer, params, optimizer, scheduler, loader, tracker, out, weight_dtype,
         cfg.train.guidance if cfg.train.guidance is not None else family.default_guidance,
         order=order, resume_from=resume_from,
         ema=LoraEMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None, sampler=sampler,
@@ -220,43 +219,13 @@ def train(cfg: Config) -> RunResult:
     return result
 
 
-MIN_FREE_BYTES = 512 * 2**20
-
-
-def _refuse_accelerate_sharding(accelerator) -> None:
-    """fluxtune shards the base itself (train.sharding, fluxtune/sharding.py); accelerate's own
-    FSDP, DeepSpeed and Megatron modes wrap the model in ways the recipe does not handle."""
-    kind = accelerator.distributed_type.value
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"accelerate is set up for {kind}, which fluxtune does not use: launch with a plain "
-                        "multi-process config (configs/accelerate/ddp.yaml) and set train.sharding=fsdp to split "
-                        "the base across the GPUs (or model.quantize to shrink it on each)")
-
-
-def _check_output_dir(out: Path) -> None:
-    """Before any model loads: the output folder must be writable and have room for checkpoints."""
-    import shutil
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output_dir {out}: cannot write there ({e.strerror or e}); choose another output_dir") from None
-    free = shutil.disk_usage(out).free
-    if free < MIN_FREE_BYTES:
-        raise UserError(f"output_dir {out}: only {free / 2**20:.0f} MiB free; checkpoints need at least "
-                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free some space or choose another output_dir")
-
-
 def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, accelerator):
     """The transformer with its LoRA on the accelerator's device, except the frozen weights of
     swapped blocks (train.blocks_to_swap) and those of other processes' shards (train.sharding).
     Returns (transformer, LoRA parameters, placement: "whole", "swapped" or "sharded")."""
     transformer = family.load_transformer(weight_dtype)
-    swap = _blocks_to_swap(cfg, transformer, accelerator)
-    shard = _sharding(cfg, accelerator)
+    swap = blocks_to_swap(cfg.train.blocks_to_swap, transformer, accelerator.device, accelerator.num_processes)
+    shard = use_sharding(cfg.train.sharding, accelerator.num_processes)
     if not (swap or shard):  # swap and sharding place the weights themselves: the whole model may not fit
         transformer = transformer.to(accelerator.device)
     params = add_lora(
@@ -280,35 +249,6 @@ def _lora_model(cfg: Config, family, weight_dtype: torch.dtype, accelerator):
     return transformer, params, "sharded" if shard else "swapped" if swap else "whole"
 
 
-def _sharding(cfg: Config, accelerator) -> bool:
-    if cfg.train.sharding == "none":
-        return False
-    if accelerator.num_processes == 1:
-        log.info("train.sharding=%s with one process: nothing to split it over; the base stays whole. Launch "
-                 "several processes with accelerate launch to shard it", cfg.train.sharding)
-        return False
-    log.info("train.sharding=%s: the base is split over %d processes", cfg.train.sharding, accelerator.num_processes)
-    return True
-
-
-def _blocks_to_swap(cfg: Config, transformer, accelerator) -> int:
-    """train.blocks_to_swap, checked against the model, or 0 where there is no GPU to swap to."""
-    count = cfg.train.blocks_to_swap
-    if not count:
-        return 0
-    try:
-        check_swap_count(transformer, count)
-    except ValueError as e:
-        raise UserError(f"train.blocks_to_swap: {e}; lower it") from None
-    if accelerator.device.type != "cuda":
-        log.info("train.blocks_to_swap=%d has no effect on %s: there is no GPU to swap to", count, accelerator.device)
-        return 0
-    if accelerator.num_processes > 1:
-        raise UserError("train.blocks_to_swap: works with one process only (data parallel needs every weight "
-                        "on its GPU); launch one process or set train.blocks_to_swap=0")
-    return count
-
-
 def _mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
@@ -319,13 +259,6 @@ def _tracker(cfg: Config, out: Path, main: bool, run_id: str | None):
     lg = cfg.log
     return make_tracker(lg.backend, project=lg.project, run_name=lg.run_name, tags=list(lg.tags),
                         config=cfg.to_dict(), output_dir=out, resume_id=run_id, enabled=main)
-
-
-def _lr_scheduler(cfg: Config, optimizer):
-    from diffusers.optimization import get_scheduler
-
-    name = "constant_with_warmup" if cfg.optim.scheduler == "constant" else cfg.optim.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.max_steps)
 
 
 def _batches(loader, order: BucketBatchSampler, epoch: int, done: int):
@@ -341,17 +274,6 @@ def _batches(loader, order: BucketBatchSampler, epoch: int, done: int):
             if i >= done:
                 yield epoch, i + 1, batch
         epoch, done = epoch + 1, 0
-
-
-def _sample_generators(seed: int, epoch: int, batch: dict) -> list[torch.Generator]:
-    """One CPU generator per sample, keyed by (seed, epoch, sample): its noise and sigma are the
-    same on any device, in any batch, on any rank. So N processes with batch b train exactly like
-    one process with batch N*b, and a resumed run needs no noise stream state."""
-    gens = []
-    for index in batch["index"].tolist():
-        key = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-        gens.append(torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
-    return gens
 
 
 def _loop(run: _Run) -> tuple[float, dict]:
@@ -374,7 +296,7 @@ def _loop(run: _Run) -> tuple[float, dict]:
             for _ in range(t.grad_accum):
                 epoch, done, batch = next(batches)
                 with acc.accumulate(run.transformer), run.autocast():
-                    gens = _sample_generators(t.seed, epoch, batch)
+                    gens = sample_generators(t.seed, epoch, batch)
                     loss = batch_loss(run.family, run.transformer, batch, generator=gens, device=acc.device,
                                       sigma_sampling=sigma_sampling, guidance=run.guidance)
                     losses.append(loss.detach().item())  # the one host sync for the loss

@@ -249,12 +249,12 @@ def test_accelerate_sharding_modes_are_refused_with_advice():
     from accelerate.utils import DistributedType
 
     from fluxtune.errors import UserError
-    from fluxtune.train import _refuse_accelerate_sharding
+    from fluxtune.models.sharding import refuse_accelerate_sharding
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(UserError, match="configs/accelerate/ddp.yaml.*train.sharding=fsdp"):
-            _refuse_accelerate_sharding(SimpleNamespace(distributed_type=kind))
-    _refuse_accelerate_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+            refuse_accelerate_sharding(SimpleNamespace(distributed_type=kind))
+    refuse_accelerate_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
 
 
 def test_sharding_refuses_settings_that_move_the_weights_it_splits():

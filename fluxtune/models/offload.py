@@ -34,10 +34,15 @@ separate tensor) and compare losses and gradients with an unswapped run.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from fluxtune.errors import UserError
+
+log = logging.getLogger("fluxtune")
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -171,3 +176,20 @@ def _move_except(module: torch.nn.Module, device: torch.device, keep: set[int]) 
                 p.data = p.data.to(device)
         for name, buffer in sub.named_buffers(recurse=False):
             sub._buffers[name] = buffer.to(device)
+
+
+def blocks_to_swap(count: int, transformer: torch.nn.Module, device: torch.device, processes: int) -> int:
+    """train.blocks_to_swap, checked against the model, or 0 where there is no GPU to swap to."""
+    if not count:
+        return 0
+    try:
+        check_swap_count(transformer, count)
+    except ValueError as e:
+        raise UserError(f"train.blocks_to_swap: {e}; lower it") from None
+    if device.type != "cuda":
+        log.info("train.blocks_to_swap=%d has no effect on %s: there is no GPU to swap to", count, device)
+        return 0
+    if processes > 1:
+        raise UserError("train.blocks_to_swap: works with one process only (data parallel needs every weight "
+                        "on its GPU); launch one process or set train.blocks_to_swap=0")
+    return count

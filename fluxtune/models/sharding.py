@@ -15,9 +15,14 @@ sharding sampling and evaluation run on every process; only the main one writes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from fluxtune.errors import UserError
 from fluxtune.models.offload import repeated_blocks
+
+log = logging.getLogger("fluxtune")
 
 
 def shard_base(transformer: torch.nn.Module, lora_params: list, device: torch.device) -> None:
@@ -58,3 +63,24 @@ def average_gradients(params: list) -> None:
         p.grad = flat[offset: offset + g.numel()].view_as(g)
         offset += g.numel()
 
+
+def refuse_accelerate_sharding(accelerator) -> None:
+    """fluxtune shards the base itself (train.sharding, this module); accelerate's own
+    FSDP, DeepSpeed and Megatron modes wrap the model in ways the recipe does not handle."""
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"accelerate is set up for {kind}, which fluxtune does not use: launch with a plain "
+                        "multi-process config (configs/accelerate/ddp.yaml) and set train.sharding=fsdp to split "
+                        "the base across the GPUs (or model.quantize to shrink it on each)")
+
+
+def use_sharding(setting: str, processes: int) -> bool:
+    """Whether train.sharding splits the base: it needs more than one process."""
+    if setting == "none":
+        return False
+    if processes == 1:
+        log.info("train.sharding=%s with one process: nothing to split it over; the base stays whole. Launch "
+                 "several processes with accelerate launch to shard it", setting)
+        return False
+    log.info("train.sharding=%s: the base is split over %d processes", setting, processes)
+    return True

@@ -275,3 +275,21 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+MIN_FREE_BYTES = 512 * 2**20
+
+
+def check_output_dir(out: Path) -> None:
+    """Before any model loads: the output folder must be writable and have room for checkpoints."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out}: cannot write there ({e.strerror or e}); choose another output_dir") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"output_dir {out}: only {free / 2**20:.0f} MiB free; checkpoints need at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free some space or choose another output_dir")

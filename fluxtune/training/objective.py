@@ -5,6 +5,8 @@ Shared by the training loop and the evaluation loss, so both measure exactly the
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from fluxtune.training import flow
@@ -32,3 +34,14 @@ def batch_loss(family, transformer, batch: dict, *, noise: torch.Tensor | None =
     noisy = flow.add_noise(x0, noise, sigmas)
     pred = family.predict(transformer, latents, noisy, sigmas, text, guidance)
     return flow.flow_loss(pred, flow.velocity_target(x0, noise))
+
+
+def sample_generators(seed: int, epoch: int, batch: dict) -> list[torch.Generator]:
+    """One CPU generator per sample, keyed by (seed, epoch, sample): its noise and sigma are the
+    same on any device, in any batch, on any rank. So N processes with batch b train exactly like
+    one process with batch N*b, and a resumed run needs no noise stream state."""
+    gens = []
+    for index in batch["index"].tolist():
+        key = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+    return gens

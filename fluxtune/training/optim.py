@@ -81,3 +81,11 @@ _BUILDERS = {
     "prodigy": _prodigy,
     "adafactor": _adafactor,
 }
+
+
+def lr_scheduler(optimizer, name: str, *, warmup_steps: int, max_steps: int):
+    """diffusers' schedule `name`; "constant" keeps its warmup (diffusers' constant_with_warmup)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if name == "constant" else name
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
