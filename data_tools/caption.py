@@ -27,7 +27,7 @@ from typing import Callable
 
 from fluxtune.data.sources import IMAGE_EXTENSIONS
 from fluxtune.errors import DataError, ModelError, UserError
-from fluxtune.data.checks import candidate_files, open_rgb
+from fluxtune.data.images import candidate_files, open_rgb
 
 log = logging.getLogger("fluxtune")
 

@@ -5,7 +5,7 @@
 
 Prints a table of what was found (per kind: severity, count, examples) and how many images are
 usable. Errors are files training skips; warnings are files training uses as described. The checks
-are `fluxtune.data.checks`, the ones training runs, so the table says what training will do.
+are `fluxtune.data.images`, the ones training runs, so the table says what training will do.
 Nothing is written unless asked, and never into the checked folder: `--report FILE.json` writes
 every finding, `--fix DIR2` writes the usable images repaired into a new folder.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fluxtune.data.sources import IMAGE_EXTENSIONS
 from fluxtune.errors import DataError
-from fluxtune.data.checks import (
+from fluxtune.data.images import (
     ERROR,
     MAX_ASPECT,
     MAX_PIXELS,

@@ -184,7 +184,7 @@ def _data_bucket(args) -> int:
 def _add_data_parsers(sub) -> None:
     """`fluxtune data ...`: dataset preparation. Each command's code lives in `data_tools` and is
     imported only when that command runs."""
-    from fluxtune.data.checks import MAX_ASPECT, MAX_PIXELS
+    from fluxtune.data.images import MAX_ASPECT, MAX_PIXELS
 
     data = sub.add_parser("data", help="prepare a dataset: caption, validate, write a manifest, show buckets")
     dsub = data.add_subparsers(dest="data_command", required=True)

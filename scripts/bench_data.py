@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     from fluxtune.data.cache import build_cache
     from fluxtune.data.sources import bucket_targets, scan_image_folder
     from fluxtune.models.families import load_family
-    from fluxtune.data.checks import decode_findings, duplicate_findings, header_findings
+    from fluxtune.data.images import decode_findings, duplicate_findings, header_findings
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

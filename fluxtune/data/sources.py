@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fluxtune.data.buckets import assign_bucket, bucket_sizes, cover_crop
 from fluxtune.errors import DataError
-from fluxtune.data.checks import (
+from fluxtune.data.images import (
     ERROR,
     Finding,
     candidate_files,
