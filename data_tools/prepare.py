@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fluxtune.data.buckets import BucketBatchSampler, histogram
 from fluxtune.config import DataConfig
-from fluxtune.data.sources import MANIFEST, bucket_targets, folder_items, image_size, scan_image_folder
+from fluxtune.data.images import image_size
+from fluxtune.data.sources import MANIFEST, bucket_targets, folder_items, scan_image_folder
 
 # The training defaults, so the buckets written and shown are the ones a run would use.
 MAX_ASPECT = DataConfig.model_fields["max_aspect"].default

@@ -35,7 +35,6 @@ from fluxtune.training.checkpoint import (
 )
 from fluxtune.data.buckets import BucketBatchSampler
 from fluxtune.config import Config
-from fluxtune.data.sources import CachedDataset
 from fluxtune.errors import Preempted, UserError
 from fluxtune.training.ema import LoraEMA
 from fluxtune.training.evaluation import evaluation_loss
@@ -54,7 +53,7 @@ from fluxtune.training.objective import batch_loss, sample_generators
 from fluxtune.models.offload import BlockSwap, blocks_to_swap, compile_blocks
 from fluxtune.training.optim import lr_scheduler, make_optimizer, require_optimizer
 from fluxtune.models.quantize import enable_input_grads, require_quantization
-from fluxtune.data.loader import cache_captions, make_loader, prepare_data, report_buckets
+from fluxtune.data.loader import CachedDataset, cache_captions, make_loader, prepare_data, report_buckets
 from fluxtune.training.sampling import TrainingSampler, image_grid
 from fluxtune.models.sharding import average_gradients, refuse_accelerate_sharding, shard_base, use_sharding
 from fluxtune.training.tracking import make_tracker

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fluxtune.data.sources import Item, load_image
+from fluxtune.data.images import load_image
+from fluxtune.data.sources import Item
 
 log = logging.getLogger("fluxtune")
 

@@ -1,4 +1,5 @@
-"""Checks on training images and captions: what is wrong with a file, found before training trips on it.
+"""One image file and its caption file: what is wrong with them, found before training trips on
+them, and how training reads the image.
 
 Each check is a function returning `Finding`s (path, kind, severity, message). An "error" means the
 file is left out of training; a "warning" means it is used as described (converted to RGB, rotated,
@@ -11,6 +12,7 @@ upscaled, trained with the default caption). Training (`fluxtune.data.sources`) 
         findings += decode_findings(path)                   # full decode
     findings += duplicate_findings(paths)
     img = open_rgb(paths[0])                               # what training encodes
+    pixels = load_image(paths[0], resolution=512)          # (3, 512, 512) in [-1, 1], cropped to fit
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from fluxtune.data.buckets import cover_crop
 
 ERROR, WARNING = "error", "warning"
 
@@ -250,3 +255,27 @@ def caption_token_counter(model: str) -> tuple[Callable[[str], int], int, str]:
     subfolder, encoder, count = PROMPT_TOKENIZERS[family.pipeline_cls.__name__]
     tok = AutoTokenizer.from_pretrained(model, subfolder=subfolder)
     return (lambda caption: count(tok, caption)), family.max_sequence_length, encoder
+
+
+def load_image(path: Path, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode fully (a truncated file fails here, and the cache skips it with a warning), apply EXIF
+    rotation, convert to RGB as `fluxtune data validate --fix` does (16-bit scaled, alpha composited
+    on white), then resize to cover `size` (width, height; default a resolution^2 square) and
+    centre-crop to it. Returns (3, h, w) in [-1, 1]."""
+    img = open_rgb(path)
+    (w, h), box = cover_crop(img.width, img.height, size or (resolution, resolution))
+    img = img.resize((w, h), Image.Resampling.LANCZOS).crop(box)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as training sees it (EXIF rotation applied), from the header only; None
+    when the header cannot be read (the cache then reports the file)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # PIL raises many types for broken files; the cache's full decode reports them
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from fluxtune.data.buckets import BucketBatchSampler
 from fluxtune.data.cache import CacheStats, build_cache, cache_texts, default_cache_dir
 from fluxtune.data.captions import CaptionSettings, choose_caption, eval_caption
 from fluxtune.data.sources import (
-    CachedDataset,
     DataError,
     bucket_targets,
-    collate,
     dataset_sha256,
     list_items,
     scan_image_folder,
@@ -157,3 +156,37 @@ def _samples_read(loader, order, accelerator, batches: int) -> list[tuple[int, i
         seen.update(dict.fromkeys((epoch, i) for batch in loader.batch_sampler for i in batch))
     order.set_epoch(0)
     return list(seen)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Samples read from cache files: {"latents": (C,h,w), "text": {name: tensor}, "index": i}.
+
+    `texts` ({(epoch, index): text entry}, see fluxtune.data.captions) gives a sample a caption per epoch
+    in place of its entry's own; the loop calls `set_epoch` before each pass."""
+
+    def __init__(self, entries: list[tuple[Path, Path | None]], repeats: int = 1,
+                 texts: dict[tuple[int, int], Path] | None = None):
+        self.entries = list(entries) * repeats
+        self.texts, self.epoch = texts, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        # i may count repeats past the end (fluxtune.data.buckets.BucketBatchSampler): sample i % len
+        latent_file, text_file = self.entries[i % len(self.entries)]
+        if self.texts is not None:
+            text_file = self.texts[(self.epoch, i)]
+        return {"latents": load_file(latent_file)["latents"], "text": load_file(text_file), "index": i}
+
+
+def collate(samples: list[dict]) -> dict:
+    text_keys = samples[0]["text"].keys()
+    return {
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "text": {k: torch.stack([s["text"][k] for s in samples]) for k in text_keys},
+        "index": torch.tensor([s["index"] for s in samples]),
+    }

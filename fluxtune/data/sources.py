@@ -1,8 +1,9 @@
-"""Training data: a folder of images with same-name caption files, and the dataset over the cache.
+"""Where training images come from: folders with same-name caption files, `metadata.jsonl`
+manifests and Hugging Face datasets, listed as `Item`s (image file, caption), each file vetted by
+`fluxtune.data.images` on the way; the held-out split and each image's bucket.
 
     items = scan_image_folder("photos/", default_caption="a photo of sks")
     items = list_items(cfg.data.resolved_sources(), image_dir=cache / "images")  # folders, manifests, datasets
-    pixels = load_image(items[0].image, resolution=512)   # (3, 512, 512) in [-1, 1]
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from fluxtune.data.buckets import assign_bucket, bucket_sizes, cover_crop
+from fluxtune.data.buckets import assign_bucket, bucket_sizes
 from fluxtune.errors import DataError
 from fluxtune.data.images import (
     ERROR,
@@ -28,7 +26,7 @@ from fluxtune.data.images import (
     candidate_files,
     duplicate_findings,
     header_findings,
-    open_rgb,
+    image_size,
     read_caption,
 )
 
@@ -269,30 +267,6 @@ def split_holdout(items: list[Item], fraction: float) -> tuple[list[Item], list[
     return [i for i in items if i not in held], [i for i in items if i in held]
 
 
-def load_image(path: Path, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode fully (a truncated file fails here, and the cache skips it with a warning), apply EXIF
-    rotation, convert to RGB as `fluxtune data validate --fix` does (16-bit scaled, alpha composited
-    on white), then resize to cover `size` (width, height; default a resolution^2 square) and
-    centre-crop to it. Returns (3, h, w) in [-1, 1]."""
-    img = open_rgb(path)
-    (w, h), box = cover_crop(img.width, img.height, size or (resolution, resolution))
-    img = img.resize((w, h), Image.Resampling.LANCZOS).crop(box)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) as training sees it (EXIF rotation applied), from the header only; None
-    when the header cannot be read (the cache then reports the file)."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # PIL raises many types for broken files; the cache's full decode reports them
-        return None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def bucket_targets(items: list[Item], resolution: int, step: int, upscale: bool,
                    max_aspect: float) -> dict[Item, tuple[int, int]]:
     """Each image's training size: its aspect-ratio bucket (see fluxtune.data.buckets)."""
@@ -302,37 +276,3 @@ def bucket_targets(items: list[Item], resolution: int, step: int, upscale: bool,
         wh = image_size(item.image)
         targets[item] = assign_bucket(*wh, sizes, step, upscale) if wh else (resolution, resolution)
     return targets
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Samples read from cache files: {"latents": (C,h,w), "text": {name: tensor}, "index": i}.
-
-    `texts` ({(epoch, index): text entry}, see fluxtune.data.captions) gives a sample a caption per epoch
-    in place of its entry's own; the loop calls `set_epoch` before each pass."""
-
-    def __init__(self, entries: list[tuple[Path, Path | None]], repeats: int = 1,
-                 texts: dict[tuple[int, int], Path] | None = None):
-        self.entries = list(entries) * repeats
-        self.texts, self.epoch = texts, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __getitem__(self, i):
-        # i may count repeats past the end (fluxtune.data.buckets.BucketBatchSampler): sample i % len
-        latent_file, text_file = self.entries[i % len(self.entries)]
-        if self.texts is not None:
-            text_file = self.texts[(self.epoch, i)]
-        return {"latents": load_file(latent_file)["latents"], "text": load_file(text_file), "index": i}
-
-
-def collate(samples: list[dict]) -> dict:
-    text_keys = samples[0]["text"].keys()
-    return {
-        "latents": torch.stack([s["latents"] for s in samples]),
-        "text": {k: torch.stack([s["text"][k] for s in samples]) for k in text_keys},
-        "index": torch.tensor([s["index"] for s in samples]),
-    }

@@ -162,7 +162,8 @@ def test_photos_of_different_shapes_train_in_their_own_buckets(tiny_models, tmp_
 
     from data_tools.demo_photos import write_demo_photos
     from fluxtune.config import load_config
-    from fluxtune.data.sources import bucket_targets, image_size, scan_image_folder
+    from fluxtune.data.images import image_size
+    from fluxtune.data.sources import bucket_targets, scan_image_folder
     from fluxtune.train import train
 
     photos = tmp_path / "photos"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from fluxtune.data.cache import build_cache, default_cache_dir
 from fluxtune.config import load_config
-from fluxtune.data.sources import CachedDataset, bucket_targets, scan_image_folder, split_holdout
+from fluxtune.data.loader import CachedDataset
+from fluxtune.data.sources import bucket_targets, scan_image_folder, split_holdout
 from fluxtune.training.evaluation import evaluation_loss
 from fluxtune.models.families import load_family
 from fluxtune.train import train
