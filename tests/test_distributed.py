@@ -79,18 +79,18 @@ def lora_distance(other: dict, one: dict) -> float:
 
 
 def test_every_split_of_the_global_batch_trains_the_same_lora_over_four_epochs(tiny_models, photos, tmp_path):
-    """1 x batch 4 == 1 x batch 1 x accum 4 == 2 x batch 2 (seed 3, buckets) and == 2 x batch 1 x
-    accum 2 (seed 11, no buckets): the loss of every step and the final LoRA. The data order is cut
+    """1 x batch 4 == 1 x batch 1 x accum 4 == 2 x batch 2 (seed 3, uneven buckets) and == 2 x batch 1
+    x accum 2 (seed 11, no buckets): the loss of every step and the final LoRA. The data order is cut
     into global batches first, then split, so nothing depends on how it is split; the same runs
     with each process shuffling on its own (a mutation in the worker) must not match."""
     model, cache = tiny_models("flux2-klein"), tmp_path / "cache"
-    single = {(seed, split): train(load_config(None, split_settings(model, photos, tmp_path / f"one-{seed}-{split}",
-                                                                    cache, seed, *split)))
-              for seed in SPLIT_RUNS for split in ONE_PROCESS}
-    outs = {}
+    outs = {}  # first, so the two processes build the cache together
     for seed, split in TWO_PROCESSES.items():
         outs[seed] = tmp_path / f"two-{seed}-{split}"
         launch_two(split_settings(model, photos, outs[seed], cache, seed, *split))
+    single = {(seed, split): train(load_config(None, split_settings(model, photos, tmp_path / f"one-{seed}-{split}",
+                                                                    cache, seed, *split)))
+              for seed in SPLIT_RUNS for split in ONE_PROCESS}
     mutant = tmp_path / "mutant"
     launch_two(split_settings(model, photos, mutant, cache, 3, 2, 1), env_extra={"SHUFFLE_PER_RANK": "1"})
 
@@ -116,29 +116,21 @@ def test_every_split_of_the_global_batch_trains_the_same_lora_over_four_epochs(t
     assert [r["loss"] for r in metrics(mutant)] != pytest.approx([r["loss"] for r in metrics(single[3, ONE_PROCESS[0]].output_dir)],
                                                                  rel=1e-4, abs=1e-6)
 
-    # One writer: one metrics row per step, one set of checkpoints; every rank holds the whole base.
+    # A fresh cache, built by both processes at once: each encoded its own share, none twice.
     out = outs[3]
+    counts = [json.loads((out / f"rank{r}-cache.json").read_text()) for r in (0, 1)]
+    assert sorted(c["latents_encoded"] for c in counts) == [1, 2]
+    assert sum(c["texts_encoded"] for c in counts) == 3
+    # Uneven buckets, every epoch finished together (a rank short of batches would hang the other):
+    # each bucket's last global batch of 4 filled by repeating, 3 steps an epoch.
+    buckets = json.loads((out / "buckets.json").read_text())
+    assert buckets["processes"] == 2 and buckets["global_batch"] == 4 and buckets["steps_per_epoch"] == 3
+    assert {size: b["repeated"] for size, b in buckets["buckets"].items()} == {"64x64": 1, "80x48": 2}
+    # One writer: one metrics row per step, one set of checkpoints; every rank holds the whole base.
     assert [r["step"] for r in metrics(out)] == list(range(1, 13))
     assert sorted(p.name for p in (out / "state").iterdir() if p.name.startswith("step-")) == ["step-000006", "step-000012"]
     base = json.loads((out / "rank1-base.json").read_text())
     assert base["held"] == base["total"]
-
-
-def test_two_processes_with_uneven_buckets_finish_every_epoch_together(tiny_models, photos, tmp_path):
-    """3 photos in 2 buckets, batch 1 per process: 3 batches an epoch, one repeated so both ranks
-    get 2; 5 steps cross two epoch ends, where a rank short of batches would hang the other."""
-    out = tmp_path / "ddp"
-    launch_two(settings(tiny_models("flux2-klein"), photos, out, tmp_path / "cache", batch_size=1,
-                        **{"data.buckets": "true", "data.repeats": 1, "train.max_steps": 5}))
-    assert same_on_both_ranks(out)
-    # a fresh cache, built by both processes at once: each encoded its own share, none twice
-    counts = [json.loads((out / f"rank{r}-cache.json").read_text()) for r in (0, 1)]
-    assert sorted(c["latents_encoded"] for c in counts) == [1, 2]
-    assert sum(c["texts_encoded"] for c in counts) == 3
-    buckets = json.loads((out / "buckets.json").read_text())
-    assert buckets["processes"] == 2 and set(buckets["buckets"]) == {"64x64", "80x48"}
-    # a global batch of 2: one step per bucket, the single 64x64 image repeated to fill its batch
-    assert buckets["steps_per_epoch"] == 2 and buckets["buckets"]["64x64"]["repeated"] == 1
 
 
 def test_sharded_base_trains_like_one_process_and_every_rank_joins_sampling_and_eval(tiny_models, photos, tmp_path):
