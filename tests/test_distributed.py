@@ -57,7 +57,11 @@ ONE_PROCESS, TWO_PROCESSES = [(4, 1), (1, 4)], {3: (2, 1), 11: (1, 2)}
 # 3 photos x 3 repeats = 9 samples, uneven for a global batch of 4. With buckets: 6 at 80x48 and 3
 # at 64x64, one global batch filled by repeating in each; without: one bucket, 3 repeated. Either
 # way 3 steps an epoch, so 12 steps train 4 epochs.
-SPLIT_RUNS = {3: {"data.buckets": "true"}, 11: {"data.buckets": "false"}}
+# Seed 11 also turns every caption feature on: each sample's caption then comes from its (epoch,
+# index), which must not depend on the split either.
+CAPTION_FEATURES = {"data.trigger_word": "zxq", "data.caption_dropout": 0.3, "data.shuffle_tags": "true",
+                    "data.keep_tags": 1}
+SPLIT_RUNS = {3: {"data.buckets": "true"}, 11: {"data.buckets": "false", **CAPTION_FEATURES}}
 
 
 def split_settings(model, photos, out, cache, seed, batch, accum):
@@ -80,7 +84,7 @@ def lora_distance(other: dict, one: dict) -> float:
 
 def test_every_split_of_the_global_batch_trains_the_same_lora_over_four_epochs(tiny_models, photos, tmp_path):
     """1 x batch 4 == 1 x batch 1 x accum 4 == 2 x batch 2 (seed 3, uneven buckets) and == 2 x batch 1
-    x accum 2 (seed 11, no buckets): the loss of every step and the final LoRA. The data order is cut
+    x accum 2 (seed 11, no buckets, caption features on): the loss of every step and the final LoRA. The data order is cut
     into global batches first, then split, so nothing depends on how it is split; the same runs
     with each process shuffling on its own (a mutation in the worker) must not match."""
     model, cache = tiny_models("flux2-klein"), tmp_path / "cache"

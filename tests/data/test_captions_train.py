@@ -1,5 +1,7 @@
 """Captions at train time: trigger word, caption dropout, tag shuffling and per-line variants, each a
-pure function of (seed, epoch, sample), and every caption a run uses cached before the encoders go."""
+pure function of (seed, epoch, sample), and every caption a run uses cached before the encoders go.
+That two processes train with the same captions as one is part of tests/test_distributed.py's
+split-equivalence test."""
 
 import json
 import shutil
@@ -7,7 +9,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import launch_two, same_on_both_ranks
 
 from fluxtune.data.cache import cache_texts
 from fluxtune.data.captions import CaptionSettings, caption_variants, choose_caption, eval_caption
@@ -141,24 +142,3 @@ def test_a_resumed_run_with_the_features_on_is_bit_identical(straight, tiny_mode
     assert resumed.cache.texts_encoded == 0
     a, b = load_file(result.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_two_processes_train_with_the_same_captions_as_one(tiny_models, photos, tmp_path):
-    """Batch 2 on each of two processes equals batch 4 on one (the setup of test_distributed),
-    now with every caption feature on: each sample's caption comes from its (epoch, index)."""
-    model, cache = tiny_models("flux2-klein"), tmp_path / "cache"
-
-    def run(out, batch_size):
-        items = {"output_dir": out, "model.path": model, "data.path": photos, "data.resolution": 64,
-                 "data.repeats": 4, "data.buckets": "false", "data.cache_dir": cache, "train.max_steps": 4,
-                 "train.batch_size": batch_size, "train.seed": 3, "lora.rank": 4, "optim.lr": 0.01,
-                 "log.backend": "none", **FEATURES}
-        return [f"{k}={v}" for k, v in items.items()]
-
-    single = train(load_config(None, run(tmp_path / "single", 4)))
-    launch_two(run(tmp_path / "ddp", 2))
-    assert same_on_both_ranks(tmp_path / "ddp")
-    one, two = load_file(single.lora_path), load_file(tmp_path / "ddp" / "lora" / "pytorch_lora_weights.safetensors")
-    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
