@@ -176,37 +176,31 @@ def test_sharded_base_trains_like_one_process_and_every_rank_joins_sampling_and_
 
 
 def test_a_signal_to_one_process_stops_all_and_the_sharded_run_resumes_bit_for_bit(tiny_models, photos, tmp_path):
-    """bf16 base shards with fp32 LoRA kept whole. SIGTERM reaches rank 1 alone, during step 2:
-    both ranks stop after step 2 (none waits forever for the other) and the main one writes the
-    checkpoint; resumed to 4 steps, the LoRA equals an uninterrupted run exactly, on both ranks."""
+    """bf16 base shards with fp32 LoRA kept whole. Rank 1 alone gets a NaN loss at step 3: both
+    ranks still run backward (whose collectives would otherwise wait forever; plain data parallel
+    hangs the same way), both see the NaN gradient, skip that step and stay equal. SIGTERM reaches
+    rank 1 alone, during step 2: both ranks stop after step 2 (none waits forever for the other)
+    and the main one writes the checkpoint; resumed to 4 steps (the NaN again at step 3), the LoRA
+    equals the uninterrupted run exactly, on both ranks."""
     model, cache = tiny_models("flux2-klein"), tmp_path / "cache"
     extra = {"train.sharding": "fsdp", "train.mixed_precision": "bf16", "train.gradient_checkpointing": "true",
              "train.save_every": 10}
     straight = tmp_path / "straight"
-    launch_two(settings(model, photos, straight, cache, batch_size=2, **extra))
+    launch_two(settings(model, photos, straight, cache, batch_size=2, **extra), env_extra={"NAN_ON_RANK": "1"})
+    assert [r["skipped_steps"] for r in metrics(straight)] == [0, 0, 1, 1]
     resumed = tmp_path / "resumed"
     args = settings(model, photos, resumed, cache, batch_size=2, **extra)
     stopped = launch_two(args, env_extra={"SIGTERM_ON_RANK": "1"}, check=False)
     assert stopped.returncode != 0 and "stopped on" in stopped.stdout + stopped.stderr
     assert sorted(p.name for p in (resumed / "state").iterdir() if p.name.startswith("step-")) == ["step-000002"]
-    launch_two(args + ["train.resume=latest"])
+    # The resumed processes' first loss is step 3's.
+    launch_two(args + ["train.resume=latest"], env_extra={"NAN_ON_RANK": "1", "FAULT_AT_CALL": "1"})
+    assert [r["skipped_steps"] for r in metrics(resumed)] == [0, 0, 1, 1]
     assert same_on_both_ranks(straight) and same_on_both_ranks(resumed)
     a, b = load_file(straight / "rank0.safetensors"), load_file(resumed / "rank0.safetensors")
     assert all(v.dtype == torch.float32 for v in a.values())
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_nan_on_one_rank_skips_the_step_on_every_rank(tiny_models, photos, tmp_path):
-    """Rank 1 alone gets a NaN loss at step 3: both ranks still run backward (whose collectives
-    would otherwise wait forever; plain data parallel hangs the same way), both see the NaN
-    gradient and skip that step, and stay equal."""
-    out = tmp_path / "run"
-    launch_two(settings(tiny_models("flux2-klein"), photos, out, tmp_path / "cache", batch_size=2,
-                        **{"train.sharding": "fsdp"}), env_extra={"NAN_ON_RANK": "1"})
-    assert same_on_both_ranks(out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
 
 
 ROOT = Path(__file__).parent.parent

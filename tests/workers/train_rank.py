@@ -21,9 +21,11 @@ from fluxtune.train import train
 
 torch.set_num_threads(1)
 cfg = load_config(None, sys.argv[1:])
-# A fault a test injects on one rank, at that rank's n-th loss: NaN (as from a bad batch) or SIGTERM.
+# A fault a test injects on one rank, at that rank's n-th loss (FAULT_AT_CALL, else the default
+# here): NaN (as from a bad batch) or SIGTERM.
 FAULTS = {"NAN_ON_RANK": 3, "SIGTERM_ON_RANK": 2}
-faults = [(name, at) for name, at in FAULTS.items() if os.environ.get(name) == os.environ.get("RANK")]
+faults = [(name, int(os.environ.get("FAULT_AT_CALL", at))) for name, at in FAULTS.items()
+          if os.environ.get(name) == os.environ.get("RANK")]
 if faults:
     import signal
 
