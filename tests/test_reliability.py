@@ -5,6 +5,7 @@ run ends bit-identical to one that was never interrupted.
 
 import errno
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -136,14 +137,9 @@ def test_in_process_resume_with_gradient_accumulation(tiny_models, photos, tmp_p
 
 # ------------------------------------------------------------------ checkpoints that cannot be trusted
 
-KILL_WRITER = """
-import sys, torch
-from pathlib import Path
-from fluxtune.training.checkpoint import save_state
-root = Path(sys.argv[1])
-for step in range(1, 10_000):
-    save_state(root, step, {"w": torch.full((2_000_000,), float(step))}, {"payload": step}, keep=2)
-"""
+def write_checkpoints_forever(root):
+    for step in range(1, 10_000):
+        save_state(root, step, {"w": torch.full((2_000_000,), float(step))}, {"payload": step}, keep=2)
 
 
 def test_sigkill_during_checkpoint_writes_never_leaves_a_valid_looking_broken_one(tmp_path):
@@ -151,13 +147,15 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_valid_looking_broken_on
     torn = 0
     for _ in range(6):
         (root / "latest").unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(root)])
+        # A forked child: a process of its own, killed for real, without importing torch again.
+        proc = multiprocessing.get_context("fork").Process(target=write_checkpoints_forever, args=(root,))
+        proc.start()
         deadline = time.time() + 60
-        while not (root / "latest").exists() and time.time() < deadline:  # past the imports
+        while not (root / "latest").exists() and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(random.uniform(0.0, 0.5))  # 8 MB a checkpoint: most kills land mid-write
         proc.kill()
-        proc.wait()
+        proc.join()
         torn += any(root.glob(".tmp-*"))
         found = latest_state(root, warn=False)
         assert found is not None and not found.name.startswith(".tmp")
